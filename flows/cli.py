@@ -1,0 +1,182 @@
+"""`ddpmseg`: the command line, a thin layer over flows/ and storage/.
+
+    ddpmseg demo [--out DIR] [--json]             generate a small labelled data set and run the whole flow on it
+    ddpmseg run CONFIG [--store URL] [--json]     extract -> train -> evaluate, re-using what the store holds
+    ddpmseg extract|train|evaluate CONFIG         one stage (and what it needs)
+    ddpmseg config import ddpm.json [--model-flags "..."]   an official experiment file -> our YAML
+    ddpmseg config presets | show CONFIG
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+EXIT_USER_ERROR = 2
+
+
+def _prefect_defaults() -> None:
+    """Embedded default: Prefect's ephemeral local server, no telemetry, quiet unless asked."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from pipeline.backbone import BackboneError
+    from pipeline.config import ConfigError
+    from pipeline.datasets import DatasetError
+    from storage.features import StoreError
+    from storage.location import StoreAccessError
+
+    return ConfigError, DatasetError, BackboneError, StoreError, StoreAccessError, FileNotFoundError
+
+
+def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(summary, sort_keys=True))
+        return
+    stages = ", ".join(f"{k}: {v}" for k, v in summary.get("stages", {}).items())
+    print(f"stages      {stages}")
+    print(f"forwards    {summary.get('unet_forwards', 0)}   members trained {summary.get('members_trained', 0)}")
+    if "miou" in summary:
+        print(f"mIoU        {summary['miou']:.2f} (official)   {summary['miou_standard']:.2f} (standard)   "
+              f"pixel acc {summary['pixel_accuracy']:.2f}")
+        print(f"metrics     {summary['metrics_path']}")
+        print(f"masks       {summary['masks_path']}")
+
+
+def run_config(config_path: str | Path, store: str | None = None, stages: tuple[str, ...] = ("extract", "train",
+               "evaluate"), progress: bool = True) -> dict[str, Any]:
+    """Load a config and run the segment flow on it; returns the flow's summary."""
+    _prefect_defaults()
+    from flows.segment import segment
+    from pipeline.config import config_to_dict, load_config
+
+    cfg = load_config(config_path)
+    if store:
+        from storage.location import StoreLocation
+
+        cfg.store = StoreLocation.parse(store).url
+    return segment(config_to_dict(cfg), cfg.store, stages, progress)
+
+
+def cmd_run(args: argparse.Namespace, stages: tuple[str, ...]) -> int:
+    summary = run_config(args.config, args.store, stages, progress=not args.quiet)
+    _print_summary(summary, args.json)
+    return 0
+
+
+def demo_config(out: Path, size: int = 32) -> dict[str, Any]:
+    """The demo experiment: the generated data set, a tiny randomly initialised UNet, the paper's classifier."""
+    from pipeline.backbone import TINY_MODEL_FLAGS
+    from pipeline.config import OFFICIAL_FLAGS
+    from pipeline import synthetic
+
+    flags = {k: v for k, v in TINY_MODEL_FLAGS.items() if k in OFFICIAL_FLAGS and OFFICIAL_FLAGS[k] != v}
+    flags["image_size"] = size
+    return {
+        "recipe": "paper",
+        "dataset": {"name": "synthetic", "train_dir": "data/train", "test_dir": "data/test",
+                    "number_class": len(synthetic.CLASS_NAMES), "ignore_label": synthetic.IGNORE_LABEL,
+                    "training_number": 10, "testing_number": 20, "class_names": list(synthetic.CLASS_NAMES),
+                    "palette": [list(c) for c in synthetic.PALETTE]},
+        "model": {"random_init": True, "init_seed": 0, "flags": flags},
+        "features": {"steps": [50, 150, 250], "blocks": [1, 2, 3, 4], "batch_size": 10},
+        "classifier": {"model_num": 10},
+        "store": "store",
+        "output_dir": ".",
+    }
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pipeline import synthetic
+
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    synthetic.write_dataset(out / "data", n_train=10, n_test=20, n_unlabelled=0, size=32, seed=0)
+    config_path = out / "config.yaml"
+    config_path.write_text(yaml.safe_dump(demo_config(out), sort_keys=False))
+    summary = run_config(config_path, None, progress=not args.quiet)
+    summary["config_path"] = str(config_path)
+    _print_summary(summary, args.json)
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from pipeline.config import import_official, load_config, config_to_dict
+    from pipeline.presets import DATASET_PRESETS
+
+    if args.config_cmd == "import":
+        data = import_official(args.json_file, args.model_flags)
+        text = yaml.safe_dump(data, sort_keys=False)
+        if args.out:
+            Path(args.out).write_text(text)
+            print(f"wrote {args.out}", file=sys.stderr)
+        else:
+            print(text, end="")
+    elif args.config_cmd == "presets":
+        for name, p in DATASET_PRESETS.items():
+            print(f"{name:16s} classes {p['number_class']:3d}  ignore {p['ignore_label']:3d}  "
+                  f"train {p['training_number']:3d}  test {p['testing_number']:3d}  checkpoint {p['checkpoint']}")
+    elif args.config_cmd == "show":
+        print(yaml.safe_dump(config_to_dict(load_config(args.config)), sort_keys=False), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ddpmseg", description="Label-efficient segmentation with diffusion features: "
+                                "a cached extract -> train -> evaluate pipeline (Prefect flows, zarr feature store).")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser, with_config: bool = True) -> None:
+        if with_config:
+            sp.add_argument("config", help="experiment YAML file")
+            sp.add_argument("--store", help="feature store: a directory or s3://bucket/prefix (default: config's store)")
+        sp.add_argument("--json", action="store_true", help="print one JSON summary object on stdout at the end")
+        sp.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    sp = sub.add_parser("run", help="run extract -> train -> evaluate for a config")
+    common(sp)
+    sp.set_defaults(func=lambda a: cmd_run(a, ("extract", "train", "evaluate")))
+    for stage, text in (("extract", "run the UNet and write features to the store"),
+                        ("train", "train the MLP ensemble from stored features"),
+                        ("evaluate", "predict the test split, score it, persist masks and metrics")):
+        sp = sub.add_parser(stage, help=text)
+        common(sp)
+        sp.set_defaults(func=lambda a, s=stage: cmd_run(a, (s,)))
+
+    sp = sub.add_parser("demo", help="generate a procedural labelled data set and run the full flow on it")
+    sp.add_argument("--out", default="ddpmseg-demo", help="output directory (default ./ddpmseg-demo)")
+    common(sp, with_config=False)
+    sp.set_defaults(func=cmd_demo)
+
+    sp = sub.add_parser("config", help="import official experiment files, list presets, show a resolved config")
+    csub = sp.add_subparsers(dest="config_cmd", required=True)
+    ci = csub.add_parser("import", help="turn experiments/<name>/ddpm.json of the official code into our YAML")
+    ci.add_argument("json_file")
+    ci.add_argument("--model-flags", help='the MODEL_FLAGS string, e.g. "--image_size 256 --num_channels 256 ..."')
+    ci.add_argument("--out", help="write the YAML here instead of stdout")
+    csub.add_parser("presets", help="list the paper's data set presets")
+    cs = csub.add_parser("show", help="print a config with every default filled in")
+    cs.add_argument("config")
+    sp.set_defaults(func=cmd_config)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except _user_errors() as err:
+        print(f"ddpmseg: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

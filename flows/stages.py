@@ -1,0 +1,297 @@
+"""The three stages as plain functions over (config, store): prepare views, extract, train, evaluate.
+
+Each stage is addressed by a key (storage.keys) over exactly its inputs and is skipped when its record is
+committed in the store. Prefect tasks (flows/segment.py) are thin wrappers around these functions; tests call
+them directly. Arrays never cross a stage boundary: stages exchange image ids and keys.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from pipeline import backbone as bb
+from pipeline import classifier as clf
+from pipeline import datasets, features, metrics, pixels, predict
+from pipeline.config import ExperimentConfig, config_to_dict
+from storage import artifacts
+from storage.features import FeatureStore, UnitSpec
+from storage.keys import Key, array_digest, digest, file_digest
+from storage.location import StoreLocation
+
+BASE_VIEW = "base"
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """One image of a split as the stages see it: a content id, its label's hash and a display name."""
+
+    image_id: str
+    label_hash: str
+    stem: str
+
+
+# -- fingerprints --------------------------------------------------------------------------------------------------
+def backbone_fingerprint(cfg: ExperimentConfig) -> dict[str, Any]:
+    flags = cfg.model.full_flags()
+    if cfg.model.checkpoint is None:
+        weights = {"random_init_seed": cfg.model.init_seed}
+    else:
+        path = Path(cfg.model.checkpoint)
+        if not path.is_file():
+            raise bb.BackboneError(f"{path}: checkpoint not found (model.checkpoint)")
+        weights = {"checkpoint_sha256": file_digest(path)}
+    return {"weights": weights, "flags": flags}
+
+
+def backbone_tag(cfg: ExperimentConfig) -> str:
+    name = Path(cfg.model.checkpoint).stem if cfg.model.checkpoint else f"random{cfg.model.init_seed}"
+    return f"{name}-{digest(backbone_fingerprint(cfg))[:12]}"
+
+
+def feature_spec(cfg: ExperimentConfig) -> dict[str, Any]:
+    f = cfg.features
+    return {"share_noise": f.share_noise, "noise_seed": f.seed, "noise_generator": f.noise_generator,
+            "input_activations": f.input_activations, "image_size": cfg.image_size}
+
+
+def unit_for(cfg: ExperimentConfig, t: int, view: str = BASE_VIEW) -> UnitSpec:
+    return UnitSpec(backbone=backbone_tag(cfg), view=view, t=t, spec=digest(feature_spec(cfg))[:8])
+
+
+def image_id_of(image: torch.Tensor) -> str:
+    """Content id of an image: hash of the exact model input (after the base transform)."""
+    return array_digest(image.numpy())[:20]
+
+
+def train_key(cfg: ExperimentConfig, refs: list[ImageRef]) -> Key:
+    c = cfg.classifier
+    hyper = {k: v for k, v in c.model_dump().items() if k != "model_num"}
+    return Key("train", {
+        "backbone": backbone_fingerprint(cfg), "features": feature_spec(cfg),
+        "steps": list(cfg.features.steps), "blocks": cfg.sorted_blocks,
+        "images": [[r.image_id, r.label_hash] for r in refs], "view": BASE_VIEW,
+        "classifier": hyper, "model_num": c.model_num,
+        "number_class": cfg.dataset.number_class, "ignore_label": cfg.dataset.ignore_label,
+    })
+
+
+def evaluate_key(cfg: ExperimentConfig, train: Key, refs: list[ImageRef]) -> Key:
+    return Key("evaluate", {"train": train.value, "images": [[r.image_id, r.label_hash] for r in refs],
+                            "evaluation": cfg.evaluation.model_dump()})
+
+
+# -- prepare: load a split, write its views ------------------------------------------------------------------------
+def prepare_split(cfg: ExperimentConfig, store: FeatureStore, split: str) -> list[ImageRef]:
+    """Load a split from disk (validating it), store each image's model input and label; return the refs."""
+    d = cfg.dataset
+    root, number = (d.train_dir, d.training_number) if split == "train" else (d.test_dir, d.testing_number)
+    samples = datasets.load_split(root, number, cfg.image_size, d.number_class, d.ignore_label,
+                                  train=(split == "train"))
+    refs = []
+    for s in samples:
+        image_id, label_hash = image_id_of(s.image), array_digest(s.label)[:20]
+        if not store.view_committed(BASE_VIEW, image_id, label_hash):
+            store.write_view(BASE_VIEW, image_id, s.image.numpy(), s.label, label_hash,
+                             {"image_size": cfg.image_size})
+        refs.append(ImageRef(image_id, label_hash, s.image_path.stem))
+    return refs
+
+
+# -- extract -------------------------------------------------------------------------------------------------------
+def _noise_for(cfg: ExperimentConfig, image_ids: list[str], t: int, device: torch.device) -> torch.Tensor | None:
+    f = cfg.features
+    if f.share_noise:
+        return bb.make_noise(f.seed, cfg.image_size, device, mode=f.noise_generator)
+    # Not shared: still deterministic, from (seed, image, t), so a re-run or a teammate gets the same features.
+    seeds = [int(digest([f.seed, i, t])[:8], 16) for i in image_ids]
+    return torch.cat([bb.make_noise(s, cfg.image_size, device) for s in seeds])
+
+
+def extract_split(cfg: ExperimentConfig, store: FeatureStore, refs: list[ImageRef], progress: bool = True,
+                  desc: str = "extract") -> dict[str, int]:
+    """Run the UNet only for the (image, timestep) pairs whose blocks are missing; write them to the store.
+
+    One forward per (batch of images, t); returns {"unet_forwards", "images_written"}.
+    """
+    blocks = cfg.sorted_blocks
+    todo: list[tuple[int, list[str], list[int]]] = []  # (t, image ids, blocks to compute)
+    for t in cfg.features.steps:
+        unit = unit_for(cfg, t)
+        by_missing: dict[tuple[int, ...], list[str]] = {}
+        for r in dict.fromkeys(refs):
+            missing = tuple(sorted(set(blocks) - store.committed_blocks(unit, r.image_id)))
+            if missing:
+                by_missing.setdefault(missing, []).append(r.image_id)
+        for missing, ids in by_missing.items():
+            for i in range(0, len(ids), cfg.features.batch_size):
+                todo.append((t, ids[i:i + cfg.features.batch_size], list(missing)))
+    counts = {"unet_forwards": 0, "images_written": 0}
+    if not todo:
+        return counts
+    device = bb.resolve_device(cfg.features.device)
+    model, diffusion = _load_backbone(cfg, device)
+    provenance = {"backbone": backbone_fingerprint(cfg), "features": feature_spec(cfg), "view": BASE_VIEW}
+    for t, ids, missing in tqdm(todo, desc=desc, unit="fwd", disable=not progress):
+        unit = unit_for(cfg, t)
+        store.ensure_unit(unit, {**provenance, "t": t})
+        x0 = torch.stack([torch.from_numpy(store.read_view_input(BASE_VIEW, i)) for i in ids]).to(device)
+        noise = _noise_for(cfg, ids, t, device)
+        acts = bb.extract_blocks(model, diffusion, x0, t, noise, missing, cfg.features.input_activations)
+        counts["unet_forwards"] += 1
+        for j, image_id in enumerate(ids):
+            store.write_features(unit, image_id, {b: acts[b][j].numpy() for b in missing})
+            counts["images_written"] += 1
+    return counts
+
+
+def _load_backbone(cfg: ExperimentConfig, device: torch.device):
+    torch.manual_seed(cfg.model.init_seed)
+    model, diffusion = bb.build_backbone(cfg.model.full_flags(), device)
+    if cfg.model.checkpoint is not None:
+        bb.load_checkpoint(model, cfg.model.checkpoint)
+    return model, diffusion
+
+
+# -- train ---------------------------------------------------------------------------------------------------------
+def _map_reader(cfg: ExperimentConfig, store: FeatureStore, cache_size: int) -> Callable[[str], list[torch.Tensor]]:
+    units = [unit_for(cfg, t) for t in cfg.features.steps]
+    blocks = cfg.sorted_blocks
+    cache: dict[str, list[torch.Tensor]] = {}
+
+    def maps_of(image_id: str) -> list[torch.Tensor]:
+        if image_id not in cache:
+            if len(cache) >= cache_size:
+                cache.pop(next(iter(cache)))
+            cache[image_id] = [torch.from_numpy(m) for m in store.read_maps(units, image_id, blocks)]
+        return cache[image_id]
+
+    return maps_of
+
+
+def feature_dim(cfg: ExperimentConfig, store: FeatureStore, image_id: str) -> int:
+    units = [unit_for(cfg, t) for t in cfg.features.steps]
+    return sum(int(a.shape[0]) for u in units for a in store.feature_arrays(u, image_id, cfg.sorted_blocks))
+
+
+def member_seed(cfg: ExperimentConfig, index: int) -> int:
+    """Each member's seed derives from (classifier.seed, index) so members can train independently, in parallel."""
+    return int(digest(["member", cfg.classifier.seed, index])[:8], 16)
+
+
+def train_member(cfg: ExperimentConfig, store: FeatureStore, refs: list[ImageRef], key: Key, index: int,
+                 progress: bool = True) -> dict[str, Any]:
+    """Train ensemble member `index` from the store (skipped when committed); returns its info."""
+    loc = store.location
+    if artifacts.member_committed(loc, key.value, index):
+        return {"member": index, "ran": False}
+    c, d = cfg.classifier, cfg.dataset
+    dim = feature_dim(cfg, store, refs[0].image_id)
+    settings = clf.TrainSettings(number_class=d.number_class, dim=dim, lr=c.lr, batch_size=c.batch_size,
+                                 max_epochs=c.max_epochs, optimizer=c.optimizer, weight_decay=c.weight_decay,
+                                 dropout=c.dropout, early_stop_start_epoch=c.early_stop_start_epoch,
+                                 patience=c.patience)
+    maps_of = _map_reader(cfg, store, cache_size=c.images_per_buffer + 1)
+    labels = {r.image_id: store.read_view_label(BASE_VIEW, r.image_id, r.label_hash) for r in refs}
+    ids = [r.image_id for r in refs]
+    seed = member_seed(cfg, index)
+
+    def pixel_features(image_id: str, ys: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+        return features.sample_pixel_features(maps_of(image_id), ys, xs, cfg.image_size)
+
+    def epoch_batches(epoch: int):
+        return pixels.epoch_batches(ids, labels.__getitem__, pixel_features, d.ignore_label, c.batch_size,
+                                    epoch, seed, images_per_buffer=c.images_per_buffer)
+
+    model, info = clf.train_member(settings, epoch_batches, seed=seed, progress=progress,
+                                   desc=f"member {index + 1}/{c.model_num}")
+    meta = {"number_class": d.number_class, "dim": dim, "dropout": c.dropout, "seed": seed, "index": index,
+            "train_key": key.value, **{k: v for k, v in info.items() if isinstance(v, (int, float, bool, str))}}
+    artifacts.write_member(loc, key.value, index, model.state_dict(), meta)
+    return {"member": index, "ran": True, **info}
+
+
+def load_members(loc: StoreLocation, key: Key, model_num: int) -> list[torch.nn.Module]:
+    members = []
+    for i in range(model_num):
+        state, meta = artifacts.read_member(loc, key.value, i)
+        model = clf.build_classifier(meta["number_class"], meta["dim"], meta.get("dropout", 0.0))
+        model.load_state_dict(state)
+        members.append(model.eval())
+    return members
+
+
+# -- evaluate ------------------------------------------------------------------------------------------------------
+def predict_maps(members: list[torch.nn.Module], maps: list[torch.Tensor], size: int,
+                 pixels_per_chunk: int = 16384) -> tuple[np.ndarray, float]:
+    """Mask (size, size) uint8 and the image's uncertainty score from native maps, in bounded memory."""
+    ys, xs = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    ys, xs = ys.reshape(-1), xs.reshape(-1)
+    labels, js = [], []
+    for i in range(0, ys.numel(), pixels_per_chunk):
+        feats = features.sample_pixel_features(maps, ys[i:i + pixels_per_chunk], xs[i:i + pixels_per_chunk], size)
+        logits = predict.member_logits(members, feats)
+        labels.append(predict.mode_vote(logits.argmax(-1)))
+        js.append(predict.js_uncertainty(logits))
+    mask = torch.cat(labels).reshape(size, size).numpy().astype(np.uint8)
+    return mask, predict.image_uncertainty(torch.cat(js))
+
+
+def save_palette_png(mask: np.ndarray, palette: list[tuple[int, int, int]] | None, path: Path) -> None:
+    from PIL import Image
+
+    img = Image.fromarray(mask.astype(np.uint8), mode="P")
+    flat = [v for rgb in (palette or []) for v in rgb]
+    if not flat:  # a generic palette: distinct colours per class id
+        rng = np.random.default_rng(0)
+        flat = rng.integers(0, 256, size=256 * 3).tolist()
+    img.putpalette(flat + [0] * (768 - len(flat)))
+    img.save(path)
+
+
+def evaluate(cfg: ExperimentConfig, store: FeatureStore, refs: list[ImageRef], train: Key, key: Key,
+             progress: bool = True) -> dict[str, Any]:
+    """Predict every test image, score it, persist masks (store + PNGs) and metrics; returns the result."""
+    loc = store.location
+    members = load_members(loc, train, cfg.classifier.model_num)
+    maps_of = _map_reader(cfg, store, cache_size=1)
+    d = cfg.dataset
+    masks, gts, uncertainties = [], [], []
+    for r in tqdm(refs, desc="evaluate", unit="img", disable=not progress):
+        mask, unc = predict_maps(members, maps_of(r.image_id), cfg.image_size)
+        masks.append(mask)
+        gts.append(store.read_view_label(BASE_VIEW, r.image_id, r.label_hash))
+        uncertainties.append(unc)
+    scores = metrics.score(masks, gts, d.number_class, d.ignore_label)
+    mask_path = artifacts.write_masks(store.root, key.value, np.stack(masks), [r.image_id for r in refs],
+                                      [r.stem for r in refs])
+    result = {
+        "miou": 100 * scores.official_miou, "miou_standard": 100 * scores.standard_miou,
+        "pixel_accuracy": 100 * scores.pixel_accuracy, "uncertainty": float(np.mean(uncertainties)),
+        "scores": scores.to_dict(), "images": [asdict(r) for r in refs], "uncertainties": uncertainties,
+        "class_names": d.class_names, "masks_store_path": mask_path,
+    }
+    loc.write_bytes(f"evaluations/{key.value}/metrics.json", json.dumps(result, indent=1).encode())
+    return result
+
+
+def write_outputs(cfg: ExperimentConfig, store: FeatureStore, key: Key, result: dict[str, Any],
+                  summary: dict[str, Any]) -> dict[str, str]:
+    """Copy an evaluation's masks (PNG + npy) and metrics.json into cfg.output_dir; returns their paths."""
+    out = Path(cfg.output_dir)
+    mask_dir = out / "masks"
+    mask_dir.mkdir(parents=True, exist_ok=True)
+    masks = store.root[result["masks_store_path"]][...]
+    for ref, mask in zip(result["images"], masks):
+        np.save(mask_dir / f"{ref['stem']}.npy", mask)
+        if cfg.evaluation.save_png:
+            save_palette_png(mask, cfg.dataset.palette, mask_dir / f"{ref['stem']}.png")
+    metrics_path = out / "metrics.json"
+    payload = {**summary, "config": config_to_dict(cfg), "result": result}
+    metrics_path.write_text(json.dumps(payload, indent=1))
+    return {"metrics_path": str(metrics_path), "masks_path": str(mask_dir)}

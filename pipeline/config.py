@@ -1,0 +1,320 @@
+"""One experiment = one YAML file, validated on load.
+
+    recipe: paper                      # paper | improved
+    dataset: {preset: ffhq_34, train_dir: data/train, test_dir: data/test}
+    model: {checkpoint: checkpoints/ddpm/ffhq.pt, flags: {...}}   # flags default to the official 256x256 ones
+    features: {steps: [50, 150, 250], blocks: [5, 6, 7, 8, 12]}
+    classifier: {model_num: 10, batch_size: 64, lr: 0.001}
+    evaluation: {}
+    store: ./ddpmseg-store             # or s3://bucket/prefix
+    output_dir: runs/ffhq_34
+
+Relative paths are resolved against the directory of the config file. Unknown keys, wrong types, a block
+outside the model and a timestep outside [0, diffusion_steps) are `ConfigError`s naming the key and the range.
+"""
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pipeline.presets import DATASET_PRESETS, PAPER_BLOCKS, PAPER_STEPS
+
+#: The official 256x256 model flags (scripts/ddpm/train_interpreter.sh) on top of guided-diffusion's defaults.
+OFFICIAL_FLAGS: dict[str, Any] = {
+    "image_size": 256, "num_channels": 256, "num_res_blocks": 2, "num_heads": 4, "num_heads_upsample": -1,
+    "num_head_channels": 64, "attention_resolutions": "32,16,8", "channel_mult": "", "dropout": 0.1,
+    "class_cond": False, "use_checkpoint": False, "use_scale_shift_norm": True, "resblock_updown": True,
+    "use_fp16": True, "use_new_attention_order": False, "learn_sigma": True, "diffusion_steps": 1000,
+    "noise_schedule": "linear", "timestep_respacing": "", "use_kl": False, "predict_xstart": False,
+    "rescale_timesteps": False, "rescale_learned_sigmas": False,
+}
+_DEFAULT_CHANNEL_MULT = {512: 7, 256: 6, 128: 5, 64: 4}
+
+
+class ConfigError(ValueError):
+    """An experiment file that does not validate; the message names the file, the key and what was expected."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DatasetConfig(_Strict):
+    preset: str | None = None
+    name: str = "custom"
+    train_dir: str
+    test_dir: str
+    number_class: int = Field(ge=2, le=255)
+    ignore_label: int = Field(255, ge=0, le=255)
+    training_number: int = Field(ge=1)
+    testing_number: int = Field(ge=1)
+    class_names: list[str] | None = None
+    palette: list[tuple[int, int, int]] | None = None
+    min_annotation_pixels: int = Field(20, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_from_preset(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("preset") is not None:
+            name = data["preset"]
+            if name not in DATASET_PRESETS:
+                raise ValueError(f"unknown preset {name!r}; expected one of {sorted(DATASET_PRESETS)}")
+            preset = {k: v for k, v in DATASET_PRESETS[name].items() if k != "checkpoint"}
+            data = {**preset, "name": name, **data}
+        return data
+
+    @model_validator(mode="after")
+    def _check_lists(self) -> "DatasetConfig":
+        for key in ("class_names", "palette"):
+            value = getattr(self, key)
+            if value is not None and len(value) < self.number_class:
+                raise ValueError(f"{key} has {len(value)} entries; expected one per class ({self.number_class})")
+        return self
+
+
+class ModelConfig(_Strict):
+    checkpoint: str | None = None
+    random_init: bool = False
+    init_seed: int = 0
+    flags: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelConfig":
+        unknown = sorted(set(self.flags) - set(OFFICIAL_FLAGS))
+        if unknown:
+            raise ValueError(f"unknown model flag(s) {unknown}; allowed: {sorted(OFFICIAL_FLAGS)}")
+        if self.checkpoint is None and not self.random_init:
+            raise ValueError("checkpoint is required (or set random_init: true for a randomly initialised UNet)")
+        if self.checkpoint is not None and self.random_init:
+            raise ValueError("give either checkpoint or random_init: true, not both")
+        return self
+
+    def full_flags(self) -> dict[str, Any]:
+        """The official flags overridden by the config's flags."""
+        return {**OFFICIAL_FLAGS, **self.flags}
+
+
+class FeaturesConfig(_Strict):
+    steps: list[int] = Field(default_factory=lambda: list(PAPER_STEPS), min_length=1)
+    blocks: list[int] = Field(default_factory=lambda: list(PAPER_BLOCKS), min_length=1)
+    input_activations: bool = False
+    share_noise: bool = True
+    seed: int = 0
+    noise_generator: Literal["cpu", "cuda"] = "cpu"
+    batch_size: int = Field(4, ge=1)
+    device: str = "auto"
+
+
+class ClassifierConfig(_Strict):
+    model_num: int = Field(10, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    max_epochs: int = Field(100, ge=1)
+    optimizer: Literal["adam", "adamw"] = "adam"
+    weight_decay: float = Field(0.0, ge=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    early_stop_start_epoch: int = Field(4, ge=0)
+    patience: int = Field(50, ge=0)
+    seed: int = 0
+    images_per_buffer: int = Field(4, ge=1)
+
+
+class EvaluationConfig(_Strict):
+    save_png: bool = True
+
+
+class ExperimentConfig(_Strict):
+    recipe: Literal["paper", "improved"] = "paper"
+    dataset: DatasetConfig
+    model: ModelConfig
+    features: FeaturesConfig = Field(default_factory=FeaturesConfig)
+    classifier: ClassifierConfig = Field(default_factory=ClassifierConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    store: str = "ddpmseg-store"
+    output_dir: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_checkpoint(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("dataset"), dict):
+            preset = data["dataset"].get("preset")
+            model = dict(data.get("model") or {})
+            if preset in DATASET_PRESETS and "checkpoint" not in model and not model.get("random_init"):
+                model["checkpoint"] = f"checkpoints/ddpm/{DATASET_PRESETS[preset]['checkpoint']}"
+            data = {**data, "model": model}
+        return data
+
+    @model_validator(mode="after")
+    def _check_against_model(self) -> "ExperimentConfig":
+        flags = self.model.full_flags()
+        n_blocks = num_output_blocks(flags)
+        for b in self.features.blocks:
+            if not 0 <= b < n_blocks:
+                raise ValueError(f"features.blocks: block {b} is outside the model; allowed 0..{n_blocks - 1} "
+                                 f"({n_blocks} output blocks for image_size {flags['image_size']})")
+        steps = int(flags["diffusion_steps"])
+        for t in self.features.steps:
+            if not 0 <= t < steps:
+                raise ValueError(f"features.steps: timestep {t} is outside [0, {steps}) (model.flags.diffusion_steps)")
+        for key in ("steps", "blocks"):
+            values = getattr(self.features, key)
+            if len(set(values)) != len(values):
+                raise ValueError(f"features.{key}: duplicate entries in {values}")
+        return self
+
+    @property
+    def image_size(self) -> int:
+        return int(self.model.full_flags()["image_size"])
+
+    @property
+    def sorted_blocks(self) -> list[int]:
+        """Blocks ascending: the official channel order within a timestep."""
+        return sorted(self.features.blocks)
+
+
+def num_output_blocks(flags: dict[str, Any]) -> int:
+    """Number of decoder blocks (`model.output_blocks`) the flags build, without building the model."""
+    mult = flags.get("channel_mult", "")
+    if mult:
+        levels = len(str(mult).split(","))
+    else:
+        size = int(flags["image_size"])
+        if size not in _DEFAULT_CHANNEL_MULT:
+            raise ConfigError(f"model.flags.image_size {size} needs an explicit channel_mult "
+                              f"(defaults exist for {sorted(_DEFAULT_CHANNEL_MULT)})")
+        levels = _DEFAULT_CHANNEL_MULT[size]
+    return levels * (int(flags["num_res_blocks"]) + 1)
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        got = e.get("input")
+        shown = "" if e["type"] in ("missing",) or isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"  {loc}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def parse_config(data: dict[str, Any], base_dir: str | Path = ".", source: str = "<config>") -> ExperimentConfig:
+    """Validate a config mapping; relative paths are made absolute against `base_dir`."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        cfg = ExperimentConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"{source}: invalid experiment config\n{_format_validation_error(err)}") from None
+    base = Path(base_dir).resolve()
+
+    def resolve(p: str | None) -> str | None:
+        if p is None or "://" in p:
+            return p
+        return str((base / Path(p).expanduser()).resolve())
+
+    cfg.dataset.train_dir = resolve(cfg.dataset.train_dir)
+    cfg.dataset.test_dir = resolve(cfg.dataset.test_dir)
+    cfg.model.checkpoint = resolve(cfg.model.checkpoint)
+    cfg.store = resolve(cfg.store)
+    cfg.output_dir = resolve(cfg.output_dir or f"runs/{cfg.dataset.name}")
+    return cfg
+
+
+def load_config(path: str | Path) -> ExperimentConfig:
+    """Read and validate an experiment YAML file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    return parse_config(data, base_dir=path.parent, source=str(path))
+
+
+def config_to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Plain JSON-able mapping of a config (the canonical form hashed into stage keys)."""
+    return json.loads(cfg.model_dump_json())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Importing the official experiment files
+# ---------------------------------------------------------------------------------------------------------
+_OFFICIAL_KEYS = {
+    "exp_dir", "model_type", "category", "number_class", "ignore_label", "training_path", "validation_path",
+    "testing_path", "model_path", "dim", "steps", "blocks", "model_num", "batch_size", "max_training",
+    "training_number", "testing_number", "upsample_mode", "share_noise", "input_activations", "seed",
+}
+
+
+def parse_model_flags(flag_string: str) -> dict[str, Any]:
+    """'--attention_resolutions 32,16,8 --class_cond False ...' -> {"attention_resolutions": "32,16,8", ...}."""
+    tokens = shlex.split(flag_string)
+    if len(tokens) % 2:
+        raise ConfigError(f"model flags: expected '--name value' pairs, got {flag_string!r}")
+    flags: dict[str, Any] = {}
+    for name, raw in zip(tokens[::2], tokens[1::2]):
+        if not name.startswith("--"):
+            raise ConfigError(f"model flags: expected '--name', got {name!r}")
+        key = name[2:]
+        if key not in OFFICIAL_FLAGS:
+            raise ConfigError(f"model flags: unknown flag --{key}; allowed: {sorted(OFFICIAL_FLAGS)}")
+        default = OFFICIAL_FLAGS[key]
+        if isinstance(default, bool):
+            if raw.lower() not in ("true", "false"):
+                raise ConfigError(f"model flags: --{key} expects True/False, got {raw!r}")
+            flags[key] = raw.lower() == "true"
+        elif isinstance(default, int):
+            flags[key] = int(raw)
+        elif isinstance(default, float):
+            flags[key] = float(raw)
+        else:
+            flags[key] = raw
+    return flags
+
+
+def import_official(json_path: str | Path, model_flags: str | None = None) -> dict[str, Any]:
+    """Turn an official experiments/<name>/ddpm.json (+ the MODEL_FLAGS string) into our config mapping."""
+    json_path = Path(json_path)
+    try:
+        opts = json.loads(json_path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{json_path}: cannot read official experiment file: {err}") from None
+    unknown = sorted(set(opts) - _OFFICIAL_KEYS)
+    if unknown:
+        raise ConfigError(f"{json_path}: unknown key(s) {unknown}; expected keys of an official ddpm.json")
+    if opts.get("model_type", "ddpm") != "ddpm":
+        raise ConfigError(f"{json_path}: model_type {opts['model_type']!r} is not supported; expected 'ddpm'")
+    if opts.get("upsample_mode", "bilinear") != "bilinear":
+        raise ConfigError(f"{json_path}: upsample_mode {opts['upsample_mode']!r}; only 'bilinear' is supported")
+    category = opts.get("category")
+    dataset: dict[str, Any] = {"preset": category} if category in DATASET_PRESETS else {"name": category or "custom"}
+    dataset.update({
+        "train_dir": opts["training_path"], "test_dir": opts["testing_path"],
+        "number_class": opts["number_class"], "ignore_label": opts.get("ignore_label", 255),
+        "training_number": opts["training_number"], "testing_number": opts["testing_number"],
+    })
+    flags = parse_model_flags(model_flags) if model_flags else {}
+    if "dim" in opts and "image_size" not in flags:
+        flags["image_size"] = int(opts["dim"][0])
+    model: dict[str, Any] = {"checkpoint": opts["model_path"]}
+    if flags:
+        model["flags"] = flags
+    return {
+        "recipe": "paper",
+        "dataset": dataset,
+        "model": model,
+        "features": {
+            "steps": list(opts["steps"]), "blocks": list(opts["blocks"]),
+            "input_activations": bool(opts.get("input_activations", False)),
+            "share_noise": bool(opts.get("share_noise", True)), "seed": int(opts.get("seed", 0)),
+        },
+        "classifier": {"model_num": int(opts.get("model_num", 10)), "batch_size": int(opts.get("batch_size", 64))},
+    }

@@ -1,0 +1,94 @@
+"""Per-pixel features from native-resolution block activations.
+
+The maps of one image come as a list of tensors in the official channel order (for t in steps, for block in
+blocks ascending), each ``(C_i, h_i, w_i)`` float16 or float32. A pixel's feature vector is the
+concatenation over maps of the map bilinearly upsampled to ``(size, size)`` with
+``F.interpolate(mode="bilinear", align_corners=False)`` and read at that pixel: ``D = sum(C_i)`` values.
+
+``upsample_concat`` is the official computation (whole maps); ``sample_pixel_features`` gives the same
+values for chosen pixels only, without materialising the upsampled maps (``D x size x size`` float32 is
+2.2 GB for the official 256x256 setting with 3 steps).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["upsample_concat", "sample_pixel_features", "feature_dim", "image_features"]
+
+
+def _check_maps(maps: list[torch.Tensor]) -> None:
+    if len(maps) == 0:
+        raise ValueError("no feature maps given: expected a list of (C, h, w) tensors")
+    for index, fmap in enumerate(maps):
+        if fmap.ndim != 3:
+            raise ValueError(f"feature map {index} must have shape (C, h, w), got {tuple(fmap.shape)}")
+
+
+def feature_dim(channels: list[int]) -> int:
+    """Length of a pixel's feature vector for maps with these channel counts: ``sum(channels)``."""
+    return int(sum(channels))
+
+
+def upsample_concat(maps: list[torch.Tensor], size: int) -> torch.Tensor:
+    """``(D, size, size)`` float32: every map upcast to float32, bilinearly interpolated to
+    ``(size, size)`` (align_corners=False), concatenated along channels — the official computation."""
+    _check_maps(maps)
+    resized = [
+        F.interpolate(fmap.float()[None], size=(size, size), mode="bilinear", align_corners=False)[0]
+        for fmap in maps
+    ]
+    return torch.cat(resized, dim=0)
+
+
+def image_features(maps: list[torch.Tensor], size: int) -> torch.Tensor:
+    """``(D, size, size)`` float32 features of every pixel of one image (for evaluation)."""
+    return upsample_concat(maps, size)
+
+
+def _source_index(dst: torch.Tensor, in_size: int, out_size: int):
+    """Bilinear source neighbours and weights of output coordinates ``dst`` (N,) along one axis.
+
+    Same rule as ``F.interpolate(mode="bilinear", align_corners=False)`` given an output size:
+    ``src = (dst + 0.5) * in / out - 0.5`` clamped at 0; ``i0 = floor(src)``; ``i1 = min(i0 + 1, in - 1)``;
+    weights ``(1 - (src - i0), src - i0)``. Returns (i0, i1, w0, w1), indices long, weights float32.
+    """
+    scale = in_size / out_size
+    src = ((dst.to(torch.float32) + 0.5) * scale - 0.5).clamp_min(0.0)
+    i0 = src.floor().to(torch.long).clamp_max(in_size - 1)
+    i1 = torch.clamp(i0 + 1, max=in_size - 1)
+    w1 = src - i0.to(torch.float32)
+    w0 = 1.0 - w1
+    return i0, i1, w0, w1
+
+
+def sample_pixel_features(
+    maps: list[torch.Tensor], ys: torch.Tensor, xs: torch.Tensor, size: int
+) -> torch.Tensor:
+    """``(N, D)`` float32 features of the pixels ``(ys[i], xs[i])`` of a ``size x size`` image.
+
+    Each map ``(C, h, w)`` is sampled bilinearly at the exact source coordinates ``F.interpolate``
+    (bilinear, align_corners=False) uses for those output pixels; the four neighbours are gathered and
+    upcast to float32 before the weighted sum. Equals ``upsample_concat(maps, size)[:, ys, xs].T``
+    (to float32 rounding) without building the upsampled maps. ys, xs: (N,) integer tensors in
+    [0, size).
+    """
+    _check_maps(maps)
+    if ys.ndim != 1 or xs.ndim != 1 or ys.shape != xs.shape:
+        raise ValueError(f"ys and xs must be 1-D of equal length, got {tuple(ys.shape)} and {tuple(xs.shape)}")
+    if ys.is_floating_point() or xs.is_floating_point():
+        raise ValueError("ys and xs must be integer pixel indices")
+    if ys.numel() and (int(ys.min()) < 0 or int(ys.max()) >= size or int(xs.min()) < 0 or int(xs.max()) >= size):
+        raise ValueError(f"pixel coordinates must lie in [0, {size})")
+    columns = []
+    for fmap in maps:
+        _, height, width = fmap.shape
+        y_idx = ys.to(fmap.device)
+        x_idx = xs.to(fmap.device)
+        y0, y1, wy0, wy1 = _source_index(y_idx, height, size)
+        x0, x1, wx0, wx1 = _source_index(x_idx, width, size)
+        top = wx0 * fmap[:, y0, x0].float() + wx1 * fmap[:, y0, x1].float()  # (C, N)
+        bottom = wx0 * fmap[:, y1, x0].float() + wx1 * fmap[:, y1, x1].float()
+        columns.append(wy0 * top + wy1 * bottom)
+    return torch.cat(columns, dim=0).T.contiguous()

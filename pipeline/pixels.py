@@ -1,0 +1,128 @@
+"""Streaming the labelled pixels of the training images into shuffled batches.
+
+The official code builds the upsampled feature of every labelled pixel of every training image (2.2 GB per
+256x256 image), pools them and shuffles (DataLoader batch 64, shuffle, drop_last). Here memory is bounded by a
+few images: each epoch visits the images in a seeded random order, `images_per_buffer` at a time; the labelled
+pixels of a buffer are pooled and shuffled, their features are built only for those pixels, `slice_pixels` at a
+time, and cut into batches. The remainder that does not fill a batch is carried to the next buffer, so only the
+epoch's last partial batch is dropped, as with DataLoader(drop_last=True).
+
+The shuffle is local to a buffer (a batch mixes pixels of at most `images_per_buffer` consecutive images of the
+epoch's random order), where the official shuffle is global; images_per_buffer >= the number of training images
+gives the global shuffle.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+def labelled_pixels(label: np.ndarray, ignore_label: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Coordinates and classes of the pixels of `label` (H, W) whose value is not ignore_label.
+
+    Returns ys, xs, classes: three (N,) int64 arrays in row-major order.
+    """
+    label = np.asarray(label)
+    if label.ndim != 2:
+        raise ValueError(f"label must be a 2-D (H, W) array, got shape {label.shape}")
+    ys, xs = np.nonzero(label != ignore_label)
+    return ys.astype(np.int64), xs.astype(np.int64), label[ys, xs].astype(np.int64)
+
+
+def count_labelled(labels: Iterable[np.ndarray], ignore_label: int) -> int:
+    """Number of pixels whose label is not ignore_label, over all the given (H, W) label arrays."""
+    return int(sum(int(np.count_nonzero(np.asarray(label) != ignore_label)) for label in labels))
+
+
+def iterations_per_epoch(labelled_count: int, batch_size: int) -> int:
+    """Batches per epoch with drop_last: labelled_count // batch_size."""
+    return labelled_count // batch_size
+
+
+def epoch_batches(
+    image_ids: list[str],
+    load_label: Callable[[str], np.ndarray],
+    pixel_features: Callable[[str, Tensor, Tensor], Tensor],
+    ignore_label: int,
+    batch_size: int,
+    epoch: int,
+    seed: int,
+    images_per_buffer: int = 4,
+    slice_pixels: int = 4096,
+    drop_last: bool = True,
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Yield the shuffled labelled pixels of one epoch as batches (features (B, D) float32, labels (B,) int64).
+
+    load_label(image_id) -> (H, W) integer array (training labels, small classes already set to ignore_label).
+    pixel_features(image_id, ys, xs) -> (N, D) features of the pixels at int64 coordinates ys, xs (N,), in that
+    order; called once per (slice, image present in the slice), so it should cache the buffer's images.
+
+    Deterministic for (seed, epoch); every labelled pixel appears exactly once per epoch, except the final
+    partial batch (< batch_size pixels) which is dropped when drop_last (the official setting).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if images_per_buffer < 1:
+        raise ValueError(f"images_per_buffer must be >= 1, got {images_per_buffer}")
+    if slice_pixels < 1:
+        raise ValueError(f"slice_pixels must be >= 1, got {slice_pixels}")
+    if seed < 0 or epoch < 0:
+        raise ValueError(f"seed and epoch must be >= 0, got seed={seed}, epoch={epoch}")
+
+    rng = np.random.default_rng([seed, epoch])
+    image_order = rng.permutation(len(image_ids))
+    carry_features: Tensor | None = None
+    carry_labels: Tensor | None = None
+    dim: int | None = None
+
+    for buffer_start in range(0, len(image_order), images_per_buffer):
+        buffer_images = [image_ids[i] for i in image_order[buffer_start:buffer_start + images_per_buffer]]
+        pooled = [labelled_pixels(load_label(image_id), ignore_label) for image_id in buffer_images]
+        pool_image = np.concatenate([np.full(len(ys), k, dtype=np.int64) for k, (ys, _, _) in enumerate(pooled)])
+        pool_ys = np.concatenate([ys for ys, _, _ in pooled])
+        pool_xs = np.concatenate([xs for _, xs, _ in pooled])
+        pool_classes = np.concatenate([classes for _, _, classes in pooled])
+        shuffle = rng.permutation(len(pool_classes))
+
+        for slice_start in range(0, len(shuffle), slice_pixels):
+            picked = shuffle[slice_start:slice_start + slice_pixels]
+            n_carry = 0 if carry_labels is None else len(carry_labels)
+            features: Tensor | None = None
+            picked_image = pool_image[picked]
+            for k in np.unique(picked_image):
+                rows = np.nonzero(picked_image == k)[0]
+                ys = torch.from_numpy(pool_ys[picked[rows]])
+                xs = torch.from_numpy(pool_xs[picked[rows]])
+                image_id = buffer_images[k]
+                piece = pixel_features(image_id, ys, xs)
+                if piece.ndim != 2 or piece.shape[0] != len(rows) or (dim is not None and piece.shape[1] != dim):
+                    expected = f"({len(rows)}, {dim if dim is not None else 'D'})"
+                    raise ValueError(f"pixel_features({image_id!r}, ...) returned shape {tuple(piece.shape)}, "
+                                     f"expected {expected}")
+                if features is None:
+                    dim = piece.shape[1]
+                    features = torch.empty((n_carry + len(picked), dim), dtype=torch.float32)
+                    if carry_features is not None:
+                        features[:n_carry] = carry_features
+                features[n_carry + torch.from_numpy(rows)] = piece.detach().to("cpu", torch.float32)
+            assert features is not None  # a slice is never empty
+            labels = torch.from_numpy(pool_classes[picked])
+            if carry_labels is not None:
+                labels = torch.cat([carry_labels, labels])
+
+            n_full = len(labels) // batch_size
+            for b in range(n_full):
+                rows_b = slice(b * batch_size, (b + 1) * batch_size)
+                yield features[rows_b], labels[rows_b]
+            rest = n_full * batch_size
+            if rest < len(labels):
+                carry_features, carry_labels = features[rest:].clone(), labels[rest:].clone()
+            else:
+                carry_features, carry_labels = None, None
+
+    if not drop_last and carry_labels is not None:
+        yield carry_features, carry_labels

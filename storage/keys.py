@@ -1,0 +1,100 @@
+"""Content fingerprints and stage keys: hashes of exactly the inputs that change a result.
+
+Never paths, mtimes, hostnames or dict order: two teammates with the same inputs get the same keys.
+A key is stored together with its inputs (`Key.inputs`) so `ddpmseg status` can say which input changed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SCHEMA_VERSION = 1  # bump when the numerics of a stage change: old results stop matching
+
+
+def canonical_json(obj: Any) -> str:
+    """JSON with sorted keys and no whitespace: the same mapping always gives the same text."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=_json_default)
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    if isinstance(obj, (tuple, set)):
+        return list(obj)
+    if isinstance(obj, Path):
+        raise TypeError(f"paths must not enter a key: {obj}")
+    raise TypeError(f"cannot put {type(obj).__name__} into a key")
+
+
+def digest(obj: Any) -> str:
+    """sha256 hex digest of the canonical JSON of `obj`."""
+    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()
+
+
+def array_digest(array: np.ndarray) -> str:
+    """sha256 of an array's dtype, shape and bytes (C order)."""
+    a = np.ascontiguousarray(array)
+    h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
+    h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _digest_cache_path() -> Path:
+    base = os.environ.get("DDPMSEG_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "ddpmseg")
+    return Path(base) / "file-digests.json"
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 of a file's bytes, cached locally by (absolute path, size, mtime) so large checkpoints hash once.
+
+    The cache only avoids re-reading: the digest itself depends on the bytes alone.
+    """
+    p = Path(path).resolve()
+    st = p.stat()
+    cache_file = _digest_cache_path()
+    marker = f"{p}|{st.st_size}|{st.st_mtime_ns}"
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if marker in cache:
+        return cache[marker]
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    value = h.hexdigest()
+    cache = {k: v for k, v in cache.items() if not k.startswith(f"{p}|")}
+    cache[marker] = value
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cache))
+        os.replace(tmp, cache_file)
+    except OSError:
+        pass  # a read-only home only costs a re-hash next time
+    return value
+
+
+@dataclass(frozen=True)
+class Key:
+    """A stage key: `value` is the hash of `inputs` (a JSON-able mapping of named input fingerprints)."""
+
+    stage: str
+    inputs: dict[str, Any] = field(hash=False)
+
+    @property
+    def value(self) -> str:
+        return digest({"stage": self.stage, "schema": SCHEMA_VERSION, "inputs": self.inputs})
+
+    @property
+    def short(self) -> str:
+        return self.value[:16]

@@ -1,0 +1,282 @@
+"""The official on-disk layout and transforms (pipeline.datasets), on small data sets built in tmp_path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.datasets import (
+    DatasetError,
+    apply_small_annotation_rule,
+    iter_split,
+    list_pairs,
+    load_image,
+    load_label,
+    load_split,
+    resize_label_nearest,
+    validate_label_values,
+)
+
+
+def write_image(path: Path, pixels: np.ndarray, mode: str | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.fromarray(pixels)
+    if mode is not None:
+        image = image.convert(mode)
+    image.save(path)
+    return path
+
+
+def write_pair(directory: Path, stem: str, size: int = 16, label: np.ndarray | None = None,
+               seed: int = 0, suffix: str = ".png") -> tuple[Path, Path]:
+    rng = np.random.default_rng(seed)
+    image_path = write_image(directory / f"{stem}{suffix}", rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+    if label is None:
+        label = rng.integers(0, 3, (size, size), dtype=np.uint8)
+    label_path = directory / f"{stem}.npy"
+    np.save(label_path, label)
+    return image_path, label_path
+
+
+def hand_transform(image: Image.Image, resolution: int) -> np.ndarray:
+    """torchvision's Resize(resolution) + ToTensor + 2x-1, written out by hand: (3, R, R) float32."""
+    resized = image.convert("RGB").resize((resolution, resolution), Image.BILINEAR)
+    unit = np.asarray(resized).astype(np.float32) / np.float32(255)
+    return (2 * unit - 1).transpose(2, 0, 1)
+
+
+# ----------------------------------------------------------------------------------------------- listing
+
+
+def test_list_pairs_is_recursive_sorted_by_path_string_and_filters_extensions(tmp_path):
+    for relative in ["b.png", "a.jpg", "sub/c.PNG", "sub/d.JpEg", "a/b.png", "a-c/x.png"]:
+        stem = relative.rsplit(".", 1)[0]
+        write_pair(tmp_path, stem, suffix="." + relative.rsplit(".", 1)[1])
+    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "e.gif").write_bytes(b"GIF89a")
+    pairs = list_pairs(tmp_path)
+    images = [str(image.relative_to(tmp_path)) for image, _ in pairs]
+    # Sorted by the path *string* (as the official code): "a-c/..." < "a.jpg" < "a/..." since '-' < '.' < '/'.
+    assert images == ["a-c/x.png", "a.jpg", "a/b.png", "b.png", "sub/c.PNG", "sub/d.JpEg"]
+    for image, label in pairs:
+        assert label == image.with_suffix(".npy")
+
+
+def test_first_number_files_are_used_and_zero_or_none_means_all(tmp_path):
+    for index in range(5):
+        write_pair(tmp_path, f"{index:03d}", seed=index)
+    first_three = load_split(tmp_path, 3, 8, number_class=3, ignore_label=255, train=False)
+    assert [s.image_path.name for s in first_three] == ["000.png", "001.png", "002.png"]
+    assert len(load_split(tmp_path, 0, 8, 3, 255, False)) == 5
+    assert len(load_split(tmp_path, None, 8, 3, 255, False)) == 5
+    lazy = iter_split(tmp_path, 2, 8, 3, 255, False)
+    assert [s.image_path.name for s in lazy] == ["000.png", "001.png"]
+
+
+# ------------------------------------------------------------------------------------------ transforms
+
+
+def test_image_transform_equals_official_bilinear_resize_then_2x_minus_1(tmp_path):
+    pixels = np.random.default_rng(1).integers(0, 256, (48, 48, 3), dtype=np.uint8)
+    path = write_image(tmp_path / "img.png", pixels)
+    tensor = load_image(path, 32)
+    assert tensor.dtype == torch.float32 and tuple(tensor.shape) == (3, 32, 32)
+    np.testing.assert_allclose(tensor.numpy(), hand_transform(Image.open(path), 32), rtol=0, atol=1e-6)
+    assert tensor.min() >= -1 and tensor.max() <= 1
+    # Same size: no resampling, exactly 2 * v / 255 - 1.
+    same = load_image(path, 48)
+    expected = (2 * (pixels.astype(np.float32) / 255) - 1).transpose(2, 0, 1)
+    np.testing.assert_allclose(same.numpy(), expected, rtol=0, atol=1e-6)
+    # Upsampling too.
+    np.testing.assert_allclose(load_image(path, 64).numpy(), hand_transform(Image.open(path), 64), atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "L", "P"])
+def test_rgba_greyscale_and_palette_images_are_converted_to_rgb(tmp_path, mode):
+    pixels = np.random.default_rng(2).integers(0, 256, (20, 20, 3), dtype=np.uint8)
+    path = write_image(tmp_path / f"img_{mode}.png", pixels, mode=mode)
+    assert Image.open(path).mode == mode
+    tensor = load_image(path, 20)
+    assert tuple(tensor.shape) == (3, 20, 20)
+    np.testing.assert_allclose(tensor.numpy(), hand_transform(Image.open(path), 20), atol=1e-6)
+    if mode == "L":
+        assert torch.equal(tensor[0], tensor[1]) and torch.equal(tensor[1], tensor[2])
+    else:
+        assert not torch.equal(tensor[0], tensor[1])
+
+
+def test_nearest_label_resize_keeps_only_existing_values(tmp_path):
+    label = np.random.default_rng(3).choice(np.array([0, 3, 7], dtype=np.uint8), size=(50, 50))
+    path = tmp_path / "label.npy"
+    np.save(path, label)
+    for resolution in (16, 32, 50, 80):
+        resized = load_label(path, resolution)
+        assert resized.dtype == np.uint8 and resized.shape == (resolution, resolution)
+        assert set(np.unique(resized).tolist()) <= {0, 3, 7}
+    assert np.array_equal(load_label(path, 50), label)
+    # Exact block replication for an integer factor: OpenCV INTER_NEAREST takes source index floor(y * src / dst).
+    small = np.arange(16, dtype=np.uint8).reshape(4, 4)
+    assert np.array_equal(resize_label_nearest(small, 8), small.repeat(2, 0).repeat(2, 1))
+    assert np.array_equal(resize_label_nearest(small, 2), small[::2, ::2])
+
+
+def test_nearest_label_resize_equals_opencv_inter_nearest():
+    cv2 = pytest.importorskip("cv2")
+    rng = np.random.default_rng(4)
+    for source in (7, 50, 255, 256, 300, 512, 768):
+        label = rng.integers(0, 256, (source, source), dtype=np.uint8)
+        for resolution in (5, 32, 64, 128, 256, 512):
+            expected = cv2.resize(label, (resolution, resolution), interpolation=cv2.INTER_NEAREST)
+            assert np.array_equal(resize_label_nearest(label, resolution), expected), (source, resolution)
+
+
+def test_label_of_another_integer_dtype_is_read_as_uint8(tmp_path):
+    path = tmp_path / "label.npy"
+    np.save(path, np.array([[0, 1], [2, 255]], dtype=np.int64))
+    loaded = load_label(path, 2)
+    assert loaded.dtype == np.uint8 and loaded.tolist() == [[0, 1], [2, 255]]
+    np.save(path, np.array([[0, 1], [2, 256]], dtype=np.int64))
+    with pytest.raises(DatasetError, match="label.npy.*0..255"):
+        load_label(path, 2)
+
+
+# ----------------------------------------------------------------------------------- small annotations
+
+
+def small_annotation_label() -> np.ndarray:
+    label = np.zeros((32, 32), dtype=np.uint8)
+    label[0, :5] = 1  # 5 pixels: dropped in training labels
+    label[10:15, 10:15] = 2  # 25 pixels: kept
+    label[31, :3] = 255  # the ignore label itself, 3 pixels: untouched
+    return label
+
+
+def test_small_annotation_rule_sets_rare_classes_to_ignore():
+    label = small_annotation_label()
+    result = apply_small_annotation_rule(label, ignore_label=255)
+    assert (result == 1).sum() == 0
+    assert (result == 2).sum() == 25
+    assert (result == 255).sum() == 5 + 3
+    assert (result == 0).sum() == (label == 0).sum()
+    assert (label == 1).sum() == 5, "the input is not modified"
+    # Boundary: 19 pixels dropped, 20 kept.
+    boundary = np.zeros((10, 10), dtype=np.uint8)
+    boundary[0, :10], boundary[1, :9] = 1, 1  # 19 pixels
+    boundary[5:7, :10] = 2  # 20 pixels
+    result = apply_small_annotation_rule(boundary, ignore_label=0)
+    assert (result == 1).sum() == 0 and (result == 2).sum() == 20
+
+
+def test_small_annotation_rule_applied_only_to_training_labels(tmp_path):
+    write_pair(tmp_path, "x", size=32, label=small_annotation_label())
+    train = load_split(tmp_path, 1, 32, number_class=3, ignore_label=255, train=True)[0]
+    test = load_split(tmp_path, 1, 32, number_class=3, ignore_label=255, train=False)[0]
+    assert np.array_equal(train.label, apply_small_annotation_rule(small_annotation_label(), 255))
+    assert np.array_equal(test.label, small_annotation_label())
+    assert train.label.dtype == np.uint8 and train.image.shape == (3, 32, 32)
+
+
+def test_small_annotation_rule_uses_the_resized_label(tmp_path):
+    label = np.zeros((64, 64), dtype=np.uint8)
+    label[:8, :8] = 1  # 64 pixels at 64 px, 16 pixels at 32 px
+    write_pair(tmp_path, "x", size=64, label=label)
+    assert (load_split(tmp_path, 1, 64, 2, 255, train=True)[0].label == 1).sum() == 64
+    at_32 = load_split(tmp_path, 1, 32, 2, 255, train=True)[0].label
+    assert (at_32 == 1).sum() == 0 and (at_32 == 255).sum() == 16
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+
+def test_missing_label_names_the_image_and_the_expected_label(tmp_path):
+    write_pair(tmp_path, "good")
+    write_image(tmp_path / "orphan.png", np.zeros((16, 16, 3), dtype=np.uint8))
+    with pytest.raises(DatasetError) as error:
+        list_pairs(tmp_path)
+    assert str(tmp_path / "orphan.png") in str(error.value)
+    assert str(tmp_path / "orphan.npy") in str(error.value)
+
+
+def test_label_shape_not_matching_the_image_names_both_shapes(tmp_path):
+    write_pair(tmp_path, "x", size=16, label=np.zeros((16, 12), dtype=np.uint8))
+    with pytest.raises(DatasetError) as error:
+        load_split(tmp_path, 1, 16, 3, 255, train=False)
+    message = str(error.value)
+    assert str(tmp_path / "x.npy") in message and "(16, 12)" in message and "(16, 16)" in message
+    with pytest.raises(DatasetError, match="x.npy"):
+        load_label(tmp_path / "x.npy", 16, image_size=(16, 16))
+
+
+def test_label_values_out_of_range_name_the_file_values_and_range(tmp_path):
+    label = np.zeros((16, 16), dtype=np.uint8)
+    label[0, 0], label[0, 1], label[0, 2] = 3, 7, 255
+    write_pair(tmp_path, "x", label=label)
+    with pytest.raises(DatasetError) as error:
+        load_split(tmp_path, 1, 16, number_class=3, ignore_label=255, train=False)
+    message = str(error.value)
+    assert str(tmp_path / "x.npy") in message and "[3, 7]" in message and "0..2" in message
+    # The ignore label itself is accepted, also when it is >= number_class.
+    label[0, 0] = label[0, 1] = 2
+    np.save(tmp_path / "x.npy", label)
+    assert (load_split(tmp_path, 1, 16, 3, 255, train=False)[0].label == 255).sum() == 1
+    validate_label_values(label, 3, 255, tmp_path / "x.npy")
+    with pytest.raises(DatasetError, match="255"):
+        validate_label_values(label, 3, 0, tmp_path / "x.npy")
+
+
+def test_non_square_image_names_the_file_and_size(tmp_path):
+    path = write_image(tmp_path / "wide.png", np.zeros((16, 24, 3), dtype=np.uint8))
+    np.save(tmp_path / "wide.npy", np.zeros((16, 24), dtype=np.uint8))
+    with pytest.raises(DatasetError) as error:
+        load_image(path, 16)
+    assert str(path) in str(error.value) and "24x16" in str(error.value)
+    with pytest.raises(DatasetError, match="wide.png"):
+        load_split(tmp_path, 1, 16, 3, 255, train=False)
+
+
+def test_unreadable_image_names_the_file_and_the_reason(tmp_path):
+    path = tmp_path / "garbage.png"
+    path.write_bytes(b"this is not a png at all" * 10)
+    np.save(tmp_path / "garbage.npy", np.zeros((16, 16), dtype=np.uint8))
+    with pytest.raises(DatasetError) as error:
+        load_split(tmp_path, 1, 16, 3, 255, train=True)
+    assert str(path) in str(error.value) and "cannot identify image file" in str(error.value)
+    # A truncated PNG fails on decoding, not on opening.
+    good = write_image(tmp_path / "sub" / "trunc.png", np.random.default_rng(0).integers(0, 256, (32, 32, 3),
+                                                                                          dtype=np.uint8))
+    good.write_bytes(good.read_bytes()[:100])
+    with pytest.raises(DatasetError, match="trunc.png"):
+        load_image(good, 16)
+
+
+def test_unreadable_or_not_2d_label_names_the_file(tmp_path):
+    garbage = tmp_path / "garbage.npy"
+    garbage.write_bytes(b"\x00garbage bytes")
+    with pytest.raises(DatasetError, match="garbage.npy"):
+        load_label(garbage, 8)
+    cube = tmp_path / "cube.npy"
+    np.save(cube, np.zeros((4, 4, 3), dtype=np.uint8))
+    with pytest.raises(DatasetError, match=r"cube.npy has shape \(4, 4, 3\)"):
+        load_label(cube, 8)
+
+
+def test_empty_split_names_the_directory(tmp_path):
+    (tmp_path / "nested").mkdir()
+    (tmp_path / "readme.txt").write_text("no images here")
+    with pytest.raises(DatasetError) as error:
+        load_split(tmp_path, 0, 16, 3, 255, train=False)
+    assert str(tmp_path) in str(error.value) and "no images" in str(error.value)
+    with pytest.raises(DatasetError, match="does not exist"):
+        load_split(tmp_path / "missing", 0, 16, 3, 255, train=False)
+
+
+def test_fewer_images_than_asked_says_found_and_asked(tmp_path):
+    for index in range(3):
+        write_pair(tmp_path, f"{index}", seed=index)
+    with pytest.raises(DatasetError) as error:
+        load_split(tmp_path, 5, 16, 3, 255, train=True)
+    assert str(tmp_path) in str(error.value) and "found 3" in str(error.value) and "config asks 5" in str(error.value)
