@@ -18,6 +18,15 @@ from pipeline.classifier import (
 )
 
 
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Tiny models: one intra-op thread avoids OpenMP oversubscription stalls on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def layer_summary(model: nn.Sequential) -> list[tuple[str, int | None]]:
     summary = []
     for layer in model:
