@@ -40,7 +40,7 @@ class ImageRef:
 def backbone_fingerprint(cfg: ExperimentConfig) -> dict[str, Any]:
     flags = cfg.model.full_flags()
     if cfg.model.checkpoint is None:
-        weights = {"random_init_seed": cfg.model.init_seed}
+        weights = {"random_init_seed": cfg.model.init_seed, "zero_convs_redrawn": True}
     else:
         path = Path(cfg.model.checkpoint)
         if not path.is_file():
@@ -155,6 +155,8 @@ def _load_backbone(cfg: ExperimentConfig, device: torch.device):
     model, diffusion = bb.build_backbone(cfg.model.full_flags(), device)
     if cfg.model.checkpoint is not None:
         bb.load_checkpoint(model, cfg.model.checkpoint)
+    else:
+        bb.redraw_zero_initialised_convs(model)
     return model, diffusion
 
 

@@ -37,6 +37,7 @@ __all__ = [
     "num_output_blocks",
     "extract_blocks",
     "count_parameters",
+    "redraw_zero_initialised_convs",
 ]
 
 NOISE_MODES = ("cpu", "cuda-generator")
@@ -395,3 +396,19 @@ def extract_blocks(
         for handle in handles:
             handle.remove()
     return {index: collected[index].cpu() for index in wanted}
+
+
+@torch.no_grad()
+def redraw_zero_initialised_convs(model: nn.Module, std: float = 0.02) -> None:
+    """Give every all-zero conv N(0, std) weights and biases, in place.
+
+    guided-diffusion zero-initialises the last conv of every ResBlock, the attention output projections and
+    `model.out`, so at random init ResBlocks are identities, attention is a no-op and the timestep embedding
+    has no effect. A randomly initialised backbone (`model.random_init`, the `random-unet` baseline) gets
+    this redraw so it is a genuinely random network, not a stack of skip connections.
+    """
+    for module in model.modules():
+        if isinstance(module, (nn.Conv1d, nn.Conv2d)) and not module.weight.any():
+            nn.init.normal_(module.weight, std=std)
+            if module.bias is not None:
+                nn.init.normal_(module.bias, std=std)

@@ -22,17 +22,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from pipeline.backbone import OFFICIAL_MODEL_FLAGS
 from pipeline.presets import DATASET_PRESETS, PAPER_BLOCKS, PAPER_STEPS
 
 #: The official 256x256 model flags (scripts/ddpm/train_interpreter.sh) on top of guided-diffusion's defaults.
-OFFICIAL_FLAGS: dict[str, Any] = {
-    "image_size": 256, "num_channels": 256, "num_res_blocks": 2, "num_heads": 4, "num_heads_upsample": -1,
-    "num_head_channels": 64, "attention_resolutions": "32,16,8", "channel_mult": "", "dropout": 0.1,
-    "class_cond": False, "use_checkpoint": False, "use_scale_shift_norm": True, "resblock_updown": True,
-    "use_fp16": True, "use_new_attention_order": False, "learn_sigma": True, "diffusion_steps": 1000,
-    "noise_schedule": "linear", "timestep_respacing": "", "use_kl": False, "predict_xstart": False,
-    "rescale_timesteps": False, "rescale_learned_sigmas": False,
-}
+OFFICIAL_FLAGS: dict[str, Any] = dict(OFFICIAL_MODEL_FLAGS)
 _DEFAULT_CHANNEL_MULT = {512: 7, 256: 6, 128: 5, 64: 4}
 
 
