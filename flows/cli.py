@@ -44,6 +44,8 @@ def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
     stages = ", ".join(f"{k}: {v}" for k, v in summary.get("stages", {}).items())
     print(f"stages      {stages}")
     print(f"forwards    {summary.get('unet_forwards', 0)}   members trained {summary.get('members_trained', 0)}")
+    if summary.get("message"):
+        print(summary["message"])
     if "miou" in summary:
         print(f"mIoU        {summary['miou']:.2f} (official)   {summary['miou_standard']:.2f} (standard)   "
               f"pixel acc {summary['pixel_accuracy']:.2f}")
@@ -53,17 +55,21 @@ def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
 
 def run_config(config_path: str | Path, store: str | None = None, stages: tuple[str, ...] = ("extract", "train",
                "evaluate"), progress: bool = True) -> dict[str, Any]:
-    """Load a config and run the segment flow on it; returns the flow's summary."""
+    """Validate a config and run the segment flow on it; returns the flow's summary."""
     _prefect_defaults()
+    from pipeline.config import load_config
+
+    cfg = load_config(config_path)  # validate before starting Prefect: a bad file fails fast
     from flows.segment import segment
-    from pipeline.config import config_to_dict, load_config
 
-    cfg = load_config(config_path)
-    if store:
-        from storage.location import StoreLocation
+    return segment(str(Path(config_path).resolve()), _store_url(store) if store else cfg.store, list(stages),
+                   progress)
 
-        cfg.store = StoreLocation.parse(store).url
-    return segment(config_to_dict(cfg), cfg.store, stages, progress)
+
+def _store_url(url: str) -> str:
+    from storage.location import StoreLocation
+
+    return StoreLocation.parse(url).url
 
 
 def cmd_run(args: argparse.Namespace, stages: tuple[str, ...]) -> int:
@@ -99,9 +105,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    synthetic.write_dataset(out / "data", n_train=10, n_test=20, n_unlabelled=0, size=32, seed=0)
+    synthetic.write_dataset(out / "data", n_train=args.train, n_test=args.test, n_unlabelled=0, size=32, seed=0)
+    cfg = demo_config(out)
+    cfg["dataset"].update(training_number=args.train, testing_number=args.test)
+    cfg["classifier"]["model_num"] = args.members
     config_path = out / "config.yaml"
-    config_path.write_text(yaml.safe_dump(demo_config(out), sort_keys=False))
+    config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     summary = run_config(config_path, None, progress=not args.quiet)
     summary["config_path"] = str(config_path)
     _print_summary(summary, args.json)
@@ -129,6 +138,81 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from flows.status import format_status, stage_status
+    from pipeline.config import load_config
+
+    entries = stage_status(load_config(args.config), args.store)
+    print(json.dumps(entries) if args.json else format_status(entries))
+    return 0
+
+
+def _open_store(url: str | None, config: str | None = None, read_only: bool = False):
+    from storage.features import FeatureStore
+    from storage.location import StoreLocation
+
+    if url is None:
+        if config is None:
+            url = "ddpmseg-store"
+        else:
+            from pipeline.config import load_config
+
+            url = load_config(config).store
+    return FeatureStore(StoreLocation.parse(url), read_only=read_only)
+
+
+def cmd_store(args: argparse.Namespace) -> int:
+    from storage import maintenance
+
+    if args.store_cmd == "ls":
+        units = maintenance.list_units(_open_store(args.url, read_only=True))
+        if args.json:
+            print(json.dumps([u.__dict__ for u in units]))
+        else:
+            print(f"{'unit':64s} {'images':>6s} {'MB':>9s}  blocks  created")
+            for u in units:
+                print(f"{u.path:64s} {u.images:6d} {u.bytes / 1e6:9.2f}  {u.blocks}  {u.created or '-'}")
+            print(f"{len(units)} unit(s), {sum(u.bytes for u in units) / 1e6:.2f} MB")
+        return 0
+    if args.store_cmd == "verify":
+        problems = maintenance.verify(_open_store(args.url, read_only=not args.repair), repair=args.repair)
+        if args.json:
+            print(json.dumps([p.__dict__ for p in problems]))
+        else:
+            for p in problems:
+                print(p)
+            verb = "repaired (deleted; a re-run recomputes them)" if args.repair else "found"
+            print(f"{len(problems)} problem(s) {verb}" if problems else "store OK: every chunk and marker checked")
+        return 1 if problems and not args.repair else 0
+    if args.store_cmd == "gc":
+        from flows import stages as st
+        from pipeline.config import load_config
+
+        configs = [load_config(c) for c in args.configs]
+        store = _open_store(args.url or configs[0].store)
+        refs = maintenance.References()
+        for cfg in configs:
+            st.add_references(cfg, store, refs)
+        removed = maintenance.collect_garbage(store, refs, dry_run=args.dry_run)
+        if args.json:
+            print(json.dumps([{"path": p, "bytes": b} for p, b in removed]))
+        else:
+            for p, b in removed:
+                print(f"{'would delete' if args.dry_run else 'deleted'} {p} ({b / 1e6:.2f} MB)")
+            print(f"{len(removed)} item(s), {sum(b for _, b in removed) / 1e6:.2f} MB "
+                  f"{'would be freed' if args.dry_run else 'freed'}")
+        return 0
+    raise AssertionError(args.store_cmd)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    _prefect_defaults()
+    from flows.schedule import serve_configs
+
+    serve_configs(args.configs, cron=args.cron, store=args.store, name_prefix=args.name)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ddpmseg", description="Label-efficient segmentation with diffusion features: "
                                 "a cached extract -> train -> evaluate pipeline (Prefect flows, zarr feature store).")
@@ -151,8 +235,38 @@ def build_parser() -> argparse.ArgumentParser:
         common(sp)
         sp.set_defaults(func=lambda a, s=stage: cmd_run(a, (s,)))
 
+    sp = sub.add_parser("status", help="say which stages are fresh or stale, and which input changed")
+    common(sp)
+    sp.set_defaults(func=cmd_status)
+
+    sp = sub.add_parser("store", help="list, verify (and repair) or garbage-collect a feature store")
+    ssub = sp.add_subparsers(dest="store_cmd", required=True)
+    s1 = ssub.add_parser("ls", help="units with their images, bytes and creation time")
+    s1.add_argument("url", nargs="?", help="store directory or s3://bucket/prefix (default ./ddpmseg-store)")
+    s1.add_argument("--json", action="store_true")
+    s2 = ssub.add_parser("verify", help="read every chunk; name corrupted or incomplete units/images; exit 1 if any")
+    s2.add_argument("url", nargs="?", help="store directory or s3://bucket/prefix (default ./ddpmseg-store)")
+    s2.add_argument("--repair", action="store_true", help="delete what is corrupted or incomplete (re-run recomputes it)")
+    s2.add_argument("--json", action="store_true")
+    s3 = ssub.add_parser("gc", help="delete everything that none of the given configs references")
+    s3.add_argument("configs", nargs="+", metavar="CONFIG")
+    s3.add_argument("--store", dest="url", help="store (default: the first config's store)")
+    s3.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
+    s3.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_store)
+
+    sp = sub.add_parser("serve", help="serve the flow for configs as Prefect deployments on a cron schedule")
+    sp.add_argument("configs", nargs="+", metavar="CONFIG")
+    sp.add_argument("--cron", required=True, help='cron schedule, e.g. "0 3 * * *"')
+    sp.add_argument("--store", help="store for every config (default: each config's store)")
+    sp.add_argument("--name", default="ddpmseg", help="deployment name prefix (default ddpmseg)")
+    sp.set_defaults(func=cmd_serve)
+
     sp = sub.add_parser("demo", help="generate a procedural labelled data set and run the full flow on it")
     sp.add_argument("--out", default="ddpmseg-demo", help="output directory (default ./ddpmseg-demo)")
+    sp.add_argument("--train", type=int, default=10, help="labelled training images (default 10)")
+    sp.add_argument("--test", type=int, default=20, help="test images (default 20)")
+    sp.add_argument("--members", type=int, default=10, help="MLP ensemble members (default 10, as the paper)")
     common(sp, with_config=False)
     sp.set_defaults(func=cmd_demo)
 

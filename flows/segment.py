@@ -1,21 +1,30 @@
 """The `segment` Prefect flow: prepare views -> extract (train + test) -> train members -> evaluate.
 
 Tasks are thin wrappers around flows/stages.py and exchange small descriptors (the config as plain data,
-the store URL, image refs, keys), never arrays or store handles.
+the store URL, image refs, stage keys), never arrays or store handles.
+
+Caching: every cached task's Prefect cache key is its stage key, so a stage done before shows as `Cached`.
+The store is the source of truth: before calling a task the flow checks the store, and when the store lacks
+the stage (deleted, repaired, another machine's Prefect database) the task runs with `refresh_cache=True`;
+when the store has it but Prefect does not, the task runs and finds nothing to do.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import asdict
 from typing import Any
 
 from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
 
 from flows import stages
-from pipeline.config import ExperimentConfig
+from pipeline.config import ExperimentConfig, config_to_dict, load_config
 from storage import artifacts
 from storage.features import FeatureStore
-from storage.keys import Key
+from storage.keys import Key, digest
 from storage.location import StoreLocation
+
+ALL_STAGES = ("extract", "train", "evaluate")
 
 
 def _open(config: dict[str, Any], store_url: str) -> tuple[ExperimentConfig, FeatureStore]:
@@ -26,82 +35,115 @@ def _refs(refs: list[dict[str, str]]) -> list[stages.ImageRef]:
     return [stages.ImageRef(**r) for r in refs]
 
 
-@task(name="prepare")
+def _stage_cache_key(context: Any, parameters: dict[str, Any]) -> str:
+    """Prefect's cache key = the stage key (+ member index), per store: the Prefect cache is an accelerator
+    of one store, never a claim about another."""
+    key = Key(**parameters["key"])
+    value = f"{stages.members_key(key)}-m{parameters['index']:02d}" if "index" in parameters else key.value
+    return f"ddpmseg-{key.stage}-{value}-{digest(parameters['store_url'])[:12]}"
+
+
+_cached = dict(cache_key_fn=_stage_cache_key, persist_result=True)
+
+
+@task(name="prepare", cache_policy=NO_CACHE)
 def prepare_task(config: dict[str, Any], store_url: str, split: str) -> list[dict[str, str]]:
     cfg, store = _open(config, store_url)
     return [asdict(r) for r in stages.prepare_split(cfg, store, split)]
 
 
-@task(name="extract")
-def extract_task(config: dict[str, Any], store_url: str, refs: list[dict[str, str]], split: str,
-                 progress: bool = True) -> dict[str, int]:
+@task(name="extract", **_cached)
+def extract_task(config: dict[str, Any], store_url: str, refs: list[dict[str, str]], key: dict[str, Any],
+                 split: str, progress: bool = True) -> dict[str, int]:
     cfg, store = _open(config, store_url)
     return stages.extract_split(cfg, store, _refs(refs), progress=progress, desc=f"extract {split}")
 
 
-@task(name="train-member")
+@task(name="train-member", **_cached)
 def train_member_task(config: dict[str, Any], store_url: str, refs: list[dict[str, str]], key: dict[str, Any],
                       index: int, progress: bool = True) -> dict[str, Any]:
     cfg, store = _open(config, store_url)
     return stages.train_member(cfg, store, _refs(refs), Key(**key), index, progress=progress)
 
 
-@task(name="evaluate")
+@task(name="evaluate", **_cached)
 def evaluate_task(config: dict[str, Any], store_url: str, refs: list[dict[str, str]], train: dict[str, Any],
                   key: dict[str, Any], progress: bool = True) -> dict[str, Any]:
     cfg, store = _open(config, store_url)
-    result = stages.evaluate(cfg, store, _refs(refs), Key(**train), Key(**key), progress=progress)
-    artifacts.write_record(store.location, Key(**key), {"miou": result["miou"]})
-    return result
+    eval_key = Key(**key)
+    if artifacts.read_record(store.location, "evaluate", eval_key.value) is not None:
+        return {"ran": False}
+    result = stages.evaluate(cfg, store, _refs(refs), Key(**train), eval_key, progress=progress)
+    artifacts.write_record(store.location, eval_key, {"miou": result["miou"]})
+    return {"ran": True}
 
 
 def _key_dict(key: Key) -> dict[str, Any]:
     return {"stage": key.stage, "inputs": key.inputs}
 
 
-@flow(name="segment")
-def segment(config: dict[str, Any], store_url: str | None = None, stages_to_run: tuple[str, ...] = (
-        "extract", "train", "evaluate"), progress: bool = True) -> dict[str, Any]:
-    """Run the pipeline for one experiment config (a validated ExperimentConfig dumped to plain data)."""
-    cfg = ExperimentConfig.model_validate(config)
-    store_url = store_url or cfg.store
-    loc = StoreLocation.parse(store_url)
-    summary: dict[str, Any] = {"store": loc.url, "unet_forwards": 0, "members_trained": 0, "stages": {}}
+def _call(task_fn, refresh: bool, summary: dict[str, Any], **kwargs) -> tuple[Any, bool]:
+    """Run a cached task; returns (result, came_from_prefect_cache) and counts Prefect cache hits."""
+    state = task_fn.with_options(refresh_cache=refresh)(return_state=True, **kwargs)
+    cached = state.name == "Cached"
+    summary["prefect_cache_hits"] += int(cached)
+    return state.result(), cached
+
+
+def run_segment(cfg: ExperimentConfig, store_url: str | None = None, stages_to_run: tuple[str, ...] = ALL_STAGES,
+                progress: bool = True) -> dict[str, Any]:
+    """The body of the flow for an already-validated config (must run inside a flow)."""
+    config = config_to_dict(cfg)
+    loc = StoreLocation.parse(store_url or cfg.store)
+    store = FeatureStore(loc)
+    summary: dict[str, Any] = {"store": loc.url, "unet_forwards": 0, "members_trained": 0, "stages": {},
+                               "prefect_cache_hits": 0}
 
     train_refs = prepare_task(config, loc.url, "train")
     test_refs = prepare_task(config, loc.url, "test")
+    keys: dict[str, Key] = {}
     if "extract" in stages_to_run:
-        ran = 0
         for split, refs in (("train", train_refs), ("test", test_refs)):
-            counts = extract_task(config, loc.url, refs, split, progress)
-            ran += counts["unet_forwards"]
-        summary["unet_forwards"] = ran
-        summary["stages"]["extract"] = "ran" if ran else "cached"
+            key = keys[f"extract_{split}"] = stages.extract_key(cfg, _refs(refs))
+            todo = stages.extract_plan(cfg, store, _refs(refs))
+            counts, cached = _call(extract_task, bool(todo), summary, config=config, store_url=loc.url, refs=refs,
+                                   key=_key_dict(key), split=split, progress=progress)
+            summary["unet_forwards"] += 0 if cached else counts["unet_forwards"]
+        summary["stages"]["extract"] = "ran" if summary["unet_forwards"] else "cached"
 
-    train_key = stages.train_key(cfg, _refs(train_refs))
+    train_key = keys["train"] = stages.train_key(cfg, _refs(train_refs))
     summary["train_key"] = train_key.value
     if "train" in stages_to_run:
-        if artifacts.read_record(loc, "train", train_key.value) is not None:
-            summary["stages"]["train"] = "cached"
-        else:
-            infos = [train_member_task(config, loc.url, train_refs, _key_dict(train_key), i, progress)
-                     for i in range(cfg.classifier.model_num)]
-            summary["members_trained"] = sum(1 for i in infos if i["ran"])
-            artifacts.write_record(loc, train_key, {"members": cfg.classifier.model_num})
-            summary["stages"]["train"] = "ran" if summary["members_trained"] else "cached"
+        for i in range(cfg.classifier.model_num):
+            missing = not artifacts.member_committed(loc, stages.members_key(train_key), i)
+            info, cached = _call(train_member_task, missing, summary, config=config, store_url=loc.url, refs=train_refs,
+                                 key=_key_dict(train_key), index=i, progress=progress)
+            summary["members_trained"] += int(info["ran"] and not cached)
+        if artifacts.read_record(loc, "train", train_key.value) is None:
+            artifacts.write_record(loc, train_key, {"members": cfg.classifier.model_num,
+                                                   "members_key": stages.members_key(train_key)})
+        summary["stages"]["train"] = "ran" if summary["members_trained"] else "cached"
 
     if "evaluate" in stages_to_run:
-        eval_key = stages.evaluate_key(cfg, train_key, _refs(test_refs))
+        eval_key = keys["evaluate"] = stages.evaluate_key(cfg, train_key, _refs(test_refs))
         summary["evaluate_key"] = eval_key.value
-        record = artifacts.read_record(loc, "evaluate", eval_key.value)
-        if record is not None:
-            import json
-
-            result = json.loads(loc.read_bytes(f"evaluations/{eval_key.value}/metrics.json"))
-            summary["stages"]["evaluate"] = "cached"
-        else:
-            result = evaluate_task(config, loc.url, test_refs, _key_dict(train_key), _key_dict(eval_key), progress)
-            summary["stages"]["evaluate"] = "ran"
+        missing = artifacts.read_record(loc, "evaluate", eval_key.value) is None
+        info, cached = _call(evaluate_task, missing, summary, config=config, store_url=loc.url, refs=test_refs,
+                             train=_key_dict(train_key), key=_key_dict(eval_key), progress=progress)
+        summary["stages"]["evaluate"] = "ran" if info["ran"] and not cached else "cached"
+        result = json.loads(loc.read_bytes(f"evaluations/{eval_key.value}/metrics.json"))
         summary.update({k: result[k] for k in ("miou", "miou_standard", "pixel_accuracy", "uncertainty")})
-        summary.update(stages.write_outputs(cfg, FeatureStore(loc), eval_key, result, summary))
+        summary.update(stages.write_outputs(cfg, store, result, summary))
+
+    if all(v == "cached" for v in summary["stages"].values()):
+        summary["message"] = "nothing to do: every stage is fresh (0 forwards, 0 members trained)"
+    stages.write_lock(cfg, keys, _refs(train_refs) + _refs(test_refs))
     return summary
+
+
+@flow(name="segment")
+def segment(config_path: str, store_url: str | None = None, stages_to_run: list[str] | None = None,
+            progress: bool = True) -> dict[str, Any]:
+    """Run the pipeline for one experiment YAML file (read at run time, so scheduled runs see its edits)."""
+    cfg = load_config(config_path)
+    return run_segment(cfg, store_url, tuple(stages_to_run or ALL_STAGES), progress)

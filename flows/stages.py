@@ -21,6 +21,7 @@ from pipeline import datasets, features, metrics, pixels, predict
 from pipeline.config import ExperimentConfig, config_to_dict
 from storage import artifacts
 from storage.features import FeatureStore, UnitSpec
+from storage.maintenance import References
 from storage.keys import Key, array_digest, digest, file_digest
 from storage.location import StoreLocation
 
@@ -81,14 +82,21 @@ def train_key(cfg: ExperimentConfig, refs: list[ImageRef]) -> Key:
     })
 
 
+def members_key(train: Key) -> str:
+    """Where a train key's members live: its inputs without model_num, so growing the ensemble reuses members."""
+    return digest({k: v for k, v in train.inputs.items() if k != "model_num"})[:32]
+
+
 def evaluate_key(cfg: ExperimentConfig, train: Key, refs: list[ImageRef]) -> Key:
     return Key("evaluate", {"train": train.value, "images": [[r.image_id, r.label_hash] for r in refs],
                             "evaluation": cfg.evaluation.model_dump()})
 
 
 # -- prepare: load a split, write its views ------------------------------------------------------------------------
-def prepare_split(cfg: ExperimentConfig, store: FeatureStore, split: str) -> list[ImageRef]:
-    """Load a split from disk (validating it), store each image's model input and label; return the refs."""
+def prepare_split(cfg: ExperimentConfig, store: FeatureStore, split: str, write: bool = True) -> list[ImageRef]:
+    """Load a split from disk (validating it), store each image's model input and label; return the refs.
+
+    With write=False nothing is written (for read-only questions such as `ddpmseg status`)."""
     d = cfg.dataset
     root, number = (d.train_dir, d.training_number) if split == "train" else (d.test_dir, d.testing_number)
     samples = datasets.load_split(root, number, cfg.image_size, d.number_class, d.ignore_label,
@@ -96,7 +104,7 @@ def prepare_split(cfg: ExperimentConfig, store: FeatureStore, split: str) -> lis
     refs = []
     for s in samples:
         image_id, label_hash = image_id_of(s.image), array_digest(s.label)[:20]
-        if not store.view_committed(BASE_VIEW, image_id, label_hash):
+        if write and not store.view_committed(BASE_VIEW, image_id, label_hash):
             store.write_view(BASE_VIEW, image_id, s.image.numpy(), s.label, label_hash,
                              {"image_size": cfg.image_size})
         refs.append(ImageRef(image_id, label_hash, s.image_path.stem))
@@ -113,39 +121,66 @@ def _noise_for(cfg: ExperimentConfig, image_ids: list[str], t: int, device: torc
     return torch.cat([bb.make_noise(s, cfg.image_size, device) for s in seeds])
 
 
+def extract_key(cfg: ExperimentConfig, refs: list[ImageRef]) -> Key:
+    """Key of extracting a split: backbone, feature spec, steps, blocks and the images' content ids."""
+    return Key("extract", {"backbone": backbone_fingerprint(cfg), "features": feature_spec(cfg),
+                           "steps": list(cfg.features.steps), "blocks": cfg.sorted_blocks, "view": BASE_VIEW,
+                           "images": sorted({r.image_id for r in refs})})
+
+
+@dataclass(frozen=True)
+class ForwardJob:
+    """One UNet forward: a batch of images at one timestep, and the blocks they still lack."""
+
+    t: int
+    image_ids: tuple[str, ...]
+    blocks: tuple[int, ...]
+
+
+def extract_plan(cfg: ExperimentConfig, store: FeatureStore, refs: list[ImageRef]) -> list[ForwardJob]:
+    """The forwards still needed: for each t, images grouped by the set of blocks they lack, in batches.
+
+    Reads only the commit markers, so a killed run resumes at exactly the unfinished (image, t) pairs.
+    """
+    blocks = set(cfg.sorted_blocks)
+    jobs: list[ForwardJob] = []
+    for t in cfg.features.steps:
+        unit = unit_for(cfg, t)
+        by_missing: dict[tuple[int, ...], list[str]] = {}
+        for image_id in dict.fromkeys(r.image_id for r in refs):
+            missing = tuple(sorted(blocks - store.committed_blocks(unit, image_id)))
+            if missing:
+                by_missing.setdefault(missing, []).append(image_id)
+        for missing, ids in by_missing.items():
+            for i in range(0, len(ids), cfg.features.batch_size):
+                jobs.append(ForwardJob(t, tuple(ids[i:i + cfg.features.batch_size]), missing))
+    return jobs
+
+
 def extract_split(cfg: ExperimentConfig, store: FeatureStore, refs: list[ImageRef], progress: bool = True,
                   desc: str = "extract") -> dict[str, int]:
     """Run the UNet only for the (image, timestep) pairs whose blocks are missing; write them to the store.
 
     One forward per (batch of images, t); returns {"unet_forwards", "images_written"}.
     """
-    blocks = cfg.sorted_blocks
-    todo: list[tuple[int, list[str], list[int]]] = []  # (t, image ids, blocks to compute)
-    for t in cfg.features.steps:
-        unit = unit_for(cfg, t)
-        by_missing: dict[tuple[int, ...], list[str]] = {}
-        for r in dict.fromkeys(refs):
-            missing = tuple(sorted(set(blocks) - store.committed_blocks(unit, r.image_id)))
-            if missing:
-                by_missing.setdefault(missing, []).append(r.image_id)
-        for missing, ids in by_missing.items():
-            for i in range(0, len(ids), cfg.features.batch_size):
-                todo.append((t, ids[i:i + cfg.features.batch_size], list(missing)))
+    jobs = extract_plan(cfg, store, refs)
     counts = {"unet_forwards": 0, "images_written": 0}
-    if not todo:
+    if not jobs:
         return counts
     device = bb.resolve_device(cfg.features.device)
     model, diffusion = _load_backbone(cfg, device)
     provenance = {"backbone": backbone_fingerprint(cfg), "features": feature_spec(cfg), "view": BASE_VIEW}
-    for t, ids, missing in tqdm(todo, desc=desc, unit="fwd", disable=not progress):
-        unit = unit_for(cfg, t)
-        store.ensure_unit(unit, {**provenance, "t": t})
+    for job in tqdm(jobs, desc=desc, unit="fwd", disable=not progress):
+        unit = unit_for(cfg, job.t)
+        store.ensure_unit(unit, {**provenance, "t": job.t})
+        ids = list(job.image_ids)
         x0 = torch.stack([torch.from_numpy(store.read_view_input(BASE_VIEW, i)) for i in ids]).to(device)
-        noise = _noise_for(cfg, ids, t, device)
-        acts = bb.extract_blocks(model, diffusion, x0, t, noise, missing, cfg.features.input_activations)
+        noise = _noise_for(cfg, ids, job.t, device)
+        acts = bb.extract_blocks(model, diffusion, x0, job.t, noise, list(job.blocks),
+                                 cfg.features.input_activations)
         counts["unet_forwards"] += 1
         for j, image_id in enumerate(ids):
-            store.write_features(unit, image_id, {b: acts[b][j].numpy() for b in missing})
+            store.write_features(unit, image_id, {b: acts[b][j].numpy() for b in job.blocks})
             counts["images_written"] += 1
     return counts
 
@@ -190,7 +225,7 @@ def train_member(cfg: ExperimentConfig, store: FeatureStore, refs: list[ImageRef
                  progress: bool = True) -> dict[str, Any]:
     """Train ensemble member `index` from the store (skipped when committed); returns its info."""
     loc = store.location
-    if artifacts.member_committed(loc, key.value, index):
+    if artifacts.member_committed(loc, members_key(key), index):
         return {"member": index, "ran": False}
     c, d = cfg.classifier, cfg.dataset
     dim = feature_dim(cfg, store, refs[0].image_id)
@@ -214,14 +249,14 @@ def train_member(cfg: ExperimentConfig, store: FeatureStore, refs: list[ImageRef
                                    desc=f"member {index + 1}/{c.model_num}")
     meta = {"number_class": d.number_class, "dim": dim, "dropout": c.dropout, "seed": seed, "index": index,
             "train_key": key.value, **{k: v for k, v in info.items() if isinstance(v, (int, float, bool, str))}}
-    artifacts.write_member(loc, key.value, index, model.state_dict(), meta)
+    artifacts.write_member(loc, members_key(key), index, model.state_dict(), meta)
     return {"member": index, "ran": True, **info}
 
 
 def load_members(loc: StoreLocation, key: Key, model_num: int) -> list[torch.nn.Module]:
     members = []
     for i in range(model_num):
-        state, meta = artifacts.read_member(loc, key.value, i)
+        state, meta = artifacts.read_member(loc, members_key(key), i)
         model = clf.build_classifier(meta["number_class"], meta["dim"], meta.get("dropout", 0.0))
         model.load_state_dict(state)
         members.append(model.eval())
@@ -282,7 +317,7 @@ def evaluate(cfg: ExperimentConfig, store: FeatureStore, refs: list[ImageRef], t
     return result
 
 
-def write_outputs(cfg: ExperimentConfig, store: FeatureStore, key: Key, result: dict[str, Any],
+def write_outputs(cfg: ExperimentConfig, store: FeatureStore, result: dict[str, Any],
                   summary: dict[str, Any]) -> dict[str, str]:
     """Copy an evaluation's masks (PNG + npy) and metrics.json into cfg.output_dir; returns their paths."""
     out = Path(cfg.output_dir)
@@ -297,3 +332,45 @@ def write_outputs(cfg: ExperimentConfig, store: FeatureStore, key: Key, result: 
     payload = {**summary, "config": config_to_dict(cfg), "result": result}
     metrics_path.write_text(json.dumps(payload, indent=1))
     return {"metrics_path": str(metrics_path), "masks_path": str(mask_dir)}
+
+
+# -- the lock file: what the last run of this config used (for `ddpmseg status`) --------------------------------------
+LOCK_NAME = "ddpmseg.lock.json"
+
+
+def lock_path(cfg: ExperimentConfig) -> Path:
+    return Path(cfg.output_dir) / LOCK_NAME
+
+
+def write_lock(cfg: ExperimentConfig, keys: dict[str, Key], refs: list[ImageRef]) -> None:
+    """Record each stage's key and inputs beside the outputs, like dvc.lock, merged with the previous lock."""
+    path = lock_path(cfg)
+    previous = read_lock(cfg)
+    stages_ = {**previous.get("stages", {}),
+               **{name: {"key": k.value, "inputs": k.inputs} for name, k in keys.items()}}
+    names = {**previous.get("names", {}), **{r.image_id: r.stem for r in refs}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"stages": stages_, "names": names}, indent=1, sort_keys=True))
+    tmp.replace(path)
+
+
+def read_lock(cfg: ExperimentConfig) -> dict[str, Any]:
+    try:
+        return json.loads(lock_path(cfg).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def add_references(cfg: ExperimentConfig, store: FeatureStore, refs: References) -> References:
+    """Add everything `cfg` needs from the store to `refs` (for `ddpmseg store gc`)."""
+    split_refs = {split: prepare_split(cfg, store, split, write=False) for split in ("train", "test")}
+    ids = {r.image_id for rs in split_refs.values() for r in rs}
+    for t in cfg.features.steps:
+        refs.units.setdefault(unit_for(cfg, t).path, set()).update(ids)
+    refs.view_images.update(ids)
+    train = train_key(cfg, split_refs["train"])
+    refs.train_keys.add(train.value)
+    refs.member_keys.add(members_key(train))
+    refs.evaluate_keys.add(evaluate_key(cfg, train, split_refs["test"]).value)
+    return refs

@@ -1,0 +1,134 @@
+"""`ddpmseg status`: every stage fresh or stale, and for stale ones which input changed (like `dvc status`).
+
+Freshness comes from the store (the source of truth); the reason comes from comparing the current stage keys'
+inputs with those recorded in the config's lock file (`<output_dir>/ddpmseg.lock.json`) by its last run.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from flows import stages
+from pipeline.config import ExperimentConfig
+from storage import artifacts
+from storage.features import FeatureStore
+from storage.location import StoreLocation
+
+_SHORT = 10
+_LABELS = {
+    "backbone.weights.checkpoint_sha256": "checkpoint bytes",
+    "backbone.weights.random_init_seed": "model.init_seed",
+    "features.noise_seed": "features.seed",
+}
+
+
+def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(obj, dict):
+        out: dict[str, Any] = {}
+        for k, v in obj.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: obj}
+
+
+def _show(value: Any) -> str:
+    text = str(value)
+    return text[:_SHORT] + "…" if isinstance(value, str) and len(text) > 24 else text
+
+
+def _image_changes(old: list, new: list, names: dict[str, str]) -> list[str]:
+    old_map, new_map = {i: h for i, h in old}, {i: h for i, h in new}
+    added = [i for i in new_map if i not in old_map]
+    removed = [i for i in old_map if i not in new_map]
+    relabelled = [i for i in new_map if i in old_map and old_map[i] != new_map[i]]
+    old_by_name = {names.get(i): i for i in removed}
+    replaced = [i for i in added if names.get(i) in old_by_name]
+    out = []
+    if replaced:
+        out.append(f"image bytes changed: {', '.join(sorted(names[i] for i in replaced))}")
+    fresh = [i for i in added if i not in replaced]
+    if fresh:
+        out.append(f"+{len(fresh)} new image(s): {', '.join(sorted(names.get(i, i[:8]) for i in fresh))}")
+    gone = len(removed) - len(replaced)
+    if gone > 0:
+        out.append(f"-{gone} image(s) removed")
+    if relabelled:
+        out.append(f"label changed: {', '.join(sorted(names.get(i, i[:8]) for i in relabelled))}")
+    return out
+
+
+def diff_inputs(old: dict[str, Any] | None, new: dict[str, Any], names: dict[str, str]) -> list[str]:
+    """Human-readable differences between two key input mappings, e.g. 'classifier.dropout 0.0 → 0.4'."""
+    if old is None:
+        return ["never run with this config"]
+    a, b = _flatten(old), _flatten(new)
+    out = []
+    for path in sorted(set(a) | set(b)):
+        if a.get(path) == b.get(path):
+            continue
+        if path == "images":
+            out.extend(_image_changes(a.get(path, []), b.get(path, []), names))
+        elif path == "train":
+            out.append("train stage changed")
+        else:
+            out.append(f"{_LABELS.get(path, path)} {_show(a.get(path, '(none)'))} → {_show(b.get(path, '(none)'))}")
+    return out or ["inputs unchanged but results missing from the store"]
+
+
+def stage_status(cfg: ExperimentConfig, store_url: str | None = None) -> list[dict[str, Any]]:
+    """One entry per stage (extract per split and timestep): {"stage", "state", "reasons"}."""
+    store = FeatureStore(StoreLocation.parse(store_url or cfg.store))
+    lock = stages.read_lock(cfg)
+    old = lock.get("stages", {})
+    refs = {split: stages.prepare_split(cfg, store, split, write=False) for split in ("train", "test")}
+    names = {**lock.get("names", {}), **{r.image_id: r.stem for rs in refs.values() for r in rs}}
+    old_steps = set(old.get("extract_train", {}).get("inputs", {}).get("steps", []))
+    old_blocks = set(old.get("extract_train", {}).get("inputs", {}).get("blocks", []))
+    out: list[dict[str, Any]] = []
+
+    for split, rs in refs.items():
+        key = stages.extract_key(cfg, rs)
+        old_inputs = old.get(f"extract_{split}", {}).get("inputs")
+        for t in cfg.features.steps:
+            unit = stages.unit_for(cfg, t)
+            missing = {r.image_id: set(cfg.sorted_blocks) - store.committed_blocks(unit, r.image_id) for r in rs}
+            missing = {i: m for i, m in missing.items() if m}
+            name = f"extract {split}/t{t:04d}"
+            if not missing:
+                out.append({"stage": name, "state": "fresh", "reasons": [], "images": len(rs)})
+                continue
+            reasons = []
+            if old_inputs is not None and old_inputs.get("backbone") != key.inputs["backbone"]:
+                reasons += diff_inputs({"backbone": old_inputs["backbone"]}, {"backbone": key.inputs["backbone"]}, names)
+            elif old_inputs is not None and old_inputs.get("features") != key.inputs["features"]:
+                reasons += diff_inputs({"features": old_inputs["features"]}, {"features": key.inputs["features"]}, names)
+            elif old_steps and t not in old_steps:
+                reasons.append("new timestep")
+            else:
+                new_blocks = sorted(set(cfg.sorted_blocks) - old_blocks) if old_blocks else []
+                if new_blocks:
+                    reasons.append(f"new block(s) {new_blocks}")
+                n_missing = len(missing)
+                if not new_blocks or n_missing < len(rs):
+                    reasons.append(f"{n_missing} of {len(rs)} image(s) without features: "
+                                   f"{', '.join(sorted(names.get(i, i[:8]) for i in missing)[:8])}")
+            state = "missing" if len(missing) == len(rs) else "stale"
+            out.append({"stage": name, "state": state, "reasons": reasons, "images": len(rs)})
+
+    train_key = stages.train_key(cfg, refs["train"])
+    fresh = artifacts.read_record(store.location, "train", train_key.value) is not None
+    out.append({"stage": "train", "state": "fresh" if fresh else "stale", "key": train_key.short,
+                "reasons": [] if fresh else diff_inputs(old.get("train", {}).get("inputs"), train_key.inputs, names)})
+    eval_key = stages.evaluate_key(cfg, train_key, refs["test"])
+    fresh = artifacts.read_record(store.location, "evaluate", eval_key.value) is not None
+    out.append({"stage": "evaluate", "state": "fresh" if fresh else "stale", "key": eval_key.short,
+                "reasons": [] if fresh else diff_inputs(old.get("evaluate", {}).get("inputs"), eval_key.inputs,
+                                                        names)})
+    return out
+
+
+def format_status(entries: list[dict[str, Any]]) -> str:
+    lines = []
+    for e in entries:
+        reason = f" — {'; '.join(e['reasons'])}" if e["reasons"] else ""
+        lines.append(f"{e['stage']:22s} {e['state']}{reason}")
+    return "\n".join(lines)
