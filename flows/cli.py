@@ -284,6 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module="guided_diffusion")  # its torch.cuda.amp use
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -15,12 +15,13 @@ outside the model and a timestep outside [0, diffusion_steps) are `ConfigError`s
 from __future__ import annotations
 
 import json
+import re
 import shlex
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.backbone import OFFICIAL_MODEL_FLAGS
 from pipeline.presets import DATASET_PRESETS, PAPER_BLOCKS, PAPER_STEPS
@@ -34,8 +35,48 @@ class ConfigError(ValueError):
     """An experiment file that does not validate; the message names the file, the key and what was expected."""
 
 
+def coerce_flag(name: str, value: Any) -> Any:
+    """A model flag value of the type of its official default (bool, int, float or str); ConfigError naming
+    `model.flags.<name>` otherwise. Strings are parsed for non-string flags ('True', '256', '0.1'), as on the
+    official command line; an int is accepted for a float flag."""
+    if name not in OFFICIAL_FLAGS:
+        raise ConfigError(f"model.flags: unknown flag {name!r}; allowed: {sorted(OFFICIAL_FLAGS)}")
+    default = OFFICIAL_FLAGS[name]
+    where = f"model.flags.{name}"
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if isinstance(default, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: expected a string (e.g. {default!r}), got {value!r}")
+    return value
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+_Channel = Annotated[int, Field(ge=0, le=255)]
 
 
 class DatasetConfig(_Strict):
@@ -48,7 +89,7 @@ class DatasetConfig(_Strict):
     training_number: int = Field(ge=1)
     testing_number: int = Field(ge=1)
     class_names: list[str] | None = None
-    palette: list[tuple[int, int, int]] | None = None
+    palette: list[tuple[_Channel, _Channel, _Channel]] | None = None
     min_annotation_pixels: int = Field(20, ge=0)
 
     @model_validator(mode="before")
@@ -56,7 +97,7 @@ class DatasetConfig(_Strict):
     def _fill_from_preset(cls, data: Any) -> Any:
         if isinstance(data, dict) and data.get("preset") is not None:
             name = data["preset"]
-            if name not in DATASET_PRESETS:
+            if not isinstance(name, str) or name not in DATASET_PRESETS:
                 raise ValueError(f"unknown preset {name!r}; expected one of {sorted(DATASET_PRESETS)}")
             preset = {k: v for k, v in DATASET_PRESETS[name].items() if k != "checkpoint"}
             data = {**preset, "name": name, **data}
@@ -77,11 +118,16 @@ class ModelConfig(_Strict):
     init_seed: int = 0
     flags: dict[str, Any] = Field(default_factory=dict)
 
-    @model_validator(mode="after")
-    def _check(self) -> "ModelConfig":
-        unknown = sorted(set(self.flags) - set(OFFICIAL_FLAGS))
+    @field_validator("flags")
+    @classmethod
+    def _check_flags(cls, flags: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(flags) - set(OFFICIAL_FLAGS))
         if unknown:
             raise ValueError(f"unknown model flag(s) {unknown}; allowed: {sorted(OFFICIAL_FLAGS)}")
+        return {name: coerce_flag(name, value) for name, value in flags.items()}
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelConfig":
         if self.checkpoint is None and not self.random_init:
             raise ValueError("checkpoint is required (or set random_init: true for a randomly initialised UNet)")
         if self.checkpoint is not None and self.random_init:
@@ -137,8 +183,10 @@ class ExperimentConfig(_Strict):
     def _default_checkpoint(cls, data: Any) -> Any:
         if isinstance(data, dict) and isinstance(data.get("dataset"), dict):
             preset = data["dataset"].get("preset")
+            if data.get("model") is not None and not isinstance(data["model"], dict):
+                return data  # a wrong type: reported by the field's own validation
             model = dict(data.get("model") or {})
-            if preset in DATASET_PRESETS and "checkpoint" not in model and not model.get("random_init"):
+            if isinstance(preset, str) and preset in DATASET_PRESETS and "checkpoint" not in model and not model.get("random_init"):
                 model["checkpoint"] = f"checkpoints/ddpm/{DATASET_PRESETS[preset]['checkpoint']}"
             data = {**data, "model": model}
         return data
@@ -185,16 +233,25 @@ def num_output_blocks(flags: dict[str, Any]) -> int:
     return levels * (int(flags["num_res_blocks"]) + 1)
 
 
+_MAX_ERROR_LINES = 10
+
+
 def _format_validation_error(err: ValidationError) -> str:
     lines = []
-    for e in err.errors():
+    errors = err.errors()
+    for e in errors[:_MAX_ERROR_LINES]:
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
         got = e.get("input")
         shown = "" if e["type"] in ("missing",) or isinstance(got, dict) else f" (got {got!r})"
-        lines.append(f"  {loc}: {msg}{shown}")
+        if msg.startswith(f"{loc}.") or (loc == "(top level)" and re.match(r"[\w.]+: ", msg)):
+            lines.append(f"  {msg}{shown}")  # the message already names its key
+        else:
+            lines.append(f"  {loc}: {msg}{shown}")
+    if len(errors) > _MAX_ERROR_LINES:
+        lines.append(f"  ... and {len(errors) - _MAX_ERROR_LINES} more")
     return "\n".join(lines)
 
 
@@ -260,17 +317,10 @@ def parse_model_flags(flag_string: str) -> dict[str, Any]:
         key = name[2:]
         if key not in OFFICIAL_FLAGS:
             raise ConfigError(f"model flags: unknown flag --{key}; allowed: {sorted(OFFICIAL_FLAGS)}")
-        default = OFFICIAL_FLAGS[key]
-        if isinstance(default, bool):
-            if raw.lower() not in ("true", "false"):
-                raise ConfigError(f"model flags: --{key} expects True/False, got {raw!r}")
-            flags[key] = raw.lower() == "true"
-        elif isinstance(default, int):
-            flags[key] = int(raw)
-        elif isinstance(default, float):
-            flags[key] = float(raw)
-        else:
-            flags[key] = raw
+        try:
+            flags[key] = coerce_flag(key, raw)
+        except ConfigError as err:
+            raise ConfigError(f"model flags: --{key}: {str(err).split(': ', 1)[1]}") from None
     return flags
 
 
@@ -281,15 +331,22 @@ def import_official(json_path: str | Path, model_flags: str | None = None) -> di
         opts = json.loads(json_path.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise ConfigError(f"{json_path}: cannot read official experiment file: {err}") from None
+    if not isinstance(opts, dict):
+        raise ConfigError(f"{json_path}: expected a JSON object, got {type(opts).__name__}")
     unknown = sorted(set(opts) - _OFFICIAL_KEYS)
     if unknown:
         raise ConfigError(f"{json_path}: unknown key(s) {unknown}; expected keys of an official ddpm.json")
+    missing = sorted({"training_path", "testing_path", "model_path", "number_class", "training_number",
+                      "testing_number", "steps", "blocks"} - set(opts))
+    if missing:
+        raise ConfigError(f"{json_path}: missing key(s) {missing}; an official ddpm.json has them all")
     if opts.get("model_type", "ddpm") != "ddpm":
         raise ConfigError(f"{json_path}: model_type {opts['model_type']!r} is not supported; expected 'ddpm'")
     if opts.get("upsample_mode", "bilinear") != "bilinear":
         raise ConfigError(f"{json_path}: upsample_mode {opts['upsample_mode']!r}; only 'bilinear' is supported")
     category = opts.get("category")
-    dataset: dict[str, Any] = {"preset": category} if category in DATASET_PRESETS else {"name": category or "custom"}
+    known = isinstance(category, str) and category in DATASET_PRESETS
+    dataset: dict[str, Any] = {"preset": category} if known else {"name": category or "custom"}
     dataset.update({
         "train_dir": opts["training_path"], "test_dir": opts["testing_path"],
         "number_class": opts["number_class"], "ignore_label": opts.get("ignore_label", 255),

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from storage.keys import Key
+from storage.keys import Key, json_default
 from storage.location import StoreLocation
 
 
@@ -27,7 +27,8 @@ def record_path(stage: str, key_value: str) -> str:
 def write_record(loc: StoreLocation, key: Key, result: dict[str, Any]) -> None:
     record = {"stage": key.stage, "key": key.value, "inputs": key.inputs, "result": result,
               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    loc.write_bytes(record_path(key.stage, key.value), json.dumps(record, indent=1, sort_keys=True).encode())
+    text = json.dumps(record, indent=1, sort_keys=True, default=json_default)  # the same inputs Key.value hashed
+    loc.write_bytes(record_path(key.stage, key.value), text.encode())
 
 
 def read_record(loc: StoreLocation, stage: str, key_value: str) -> dict[str, Any] | None:
@@ -62,7 +63,8 @@ def write_member(loc: StoreLocation, train_key: str, index: int, state_dict: dic
     torch.save({"state_dict": state_dict, "meta": meta}, buf)
     base = member_key(train_key, index)
     loc.write_bytes(base + ".pt", buf.getvalue())
-    loc.write_bytes(base + ".json", json.dumps(meta, indent=1, sort_keys=True).encode())  # commit marker, last
+    marker = json.dumps(meta, indent=1, sort_keys=True, default=json_default)
+    loc.write_bytes(base + ".json", marker.encode())  # commit marker, last
 
 
 def read_member(loc: StoreLocation, train_key: str, index: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -83,6 +85,7 @@ def write_masks(root, eval_key: str, masks: np.ndarray, image_ids: list[str], st
     arr = root.create_array(path, shape=masks.shape, chunks=(1, *masks.shape[1:]), dtype=np.uint8,
                             compressors=[ZstdCodec(level=3), Crc32cCodec()], fill_value=0,
                             dimension_names=("image", "y", "x"), overwrite=True,
-                            attributes={"image_ids": image_ids, "stems": stems})
+                            attributes={"image_ids": image_ids, "stems": stems},
+                            config={"write_empty_chunks": True})  # every chunk on disk: verify finds a lost one
     arr[...] = masks
     return path

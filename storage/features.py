@@ -92,16 +92,20 @@ class FeatureStore:
         parent, name = path.rsplit("/", 1)
         group = self._group(parent)
         fill = np.nan if np.issubdtype(data.dtype, np.floating) else 0
+        config = {"write_empty_chunks": True}  # a chunk equal to the fill value is stored too: none may go missing
         try:
             arr = group.create_array(name, shape=data.shape, chunks=data.shape, dtype=data.dtype,
                                      compressors=_compressors(), fill_value=fill, dimension_names=dims,
-                                     attributes={**attrs, "committed": None})
+                                     attributes={**attrs, "committed": None}, config=config)
         except (ContainsArrayError, ContainsGroupError):
             arr = group[name]
             if arr.shape != data.shape or arr.dtype != data.dtype:  # stale/torn metadata from an older writer
                 arr = group.create_array(name, shape=data.shape, chunks=data.shape, dtype=data.dtype,
                                          compressors=_compressors(), fill_value=fill, dimension_names=dims,
-                                         attributes={**attrs, "committed": None}, overwrite=True)
+                                         attributes={**attrs, "committed": None}, overwrite=True,
+                                         config=config)
+            else:
+                arr = arr.with_config(config)
         arr[...] = data
         arr.attrs.update({**attrs, "committed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
 
@@ -120,7 +124,11 @@ class FeatureStore:
         except Exception as err:  # noqa: BLE001 - zarr raises a plain RuntimeError on checksum mismatch
             raise CorruptChunkError(f"{what}: chunk cannot be read ({err}); run `ddpmseg store verify "
                                     f"{self.location.url}` to find and repair corrupted units") from err
-        if np.issubdtype(data.dtype, np.floating) and np.isnan(data).any():
+        if np.issubdtype(data.dtype, np.floating):
+            missing = bool(np.isnan(data).any())  # the fill value: cheaper than listing the chunks
+        else:  # integer arrays (labels, masks) would read a lost chunk as plausible zeros: count the chunks
+            missing = arr.nchunks_initialized < arr.nchunks
+        if missing:
             raise CorruptChunkError(f"{what}: committed but its chunk is missing or holds NaN; run "
                                     f"`ddpmseg store verify {self.location.url}`")
         return data
@@ -172,10 +180,12 @@ class FeatureStore:
         nbytes = 0
         for block, fmap in sorted(maps.items()):
             data = np.asarray(fmap, dtype=np.float32)
-            if not np.isfinite(data).all():
-                raise StoreError(f"{unit.path} image {image_id} block {block}: activations are not finite "
-                                 f"(fp16 overflow or a broken checkpoint?)")
-            half = data.astype(FEATURE_DTYPE)[None]
+            with np.errstate(over="ignore"):
+                half = data.astype(FEATURE_DTYPE)[None]
+            if not np.isfinite(half).all():  # checked after the cast: |x| > 65504 becomes inf in float16
+                bad = "not finite" if not np.isfinite(data).all() else "beyond the float16 range (|x| > 65504)"
+                raise StoreError(f"{unit.path} image {image_id} block {block}: activations are {bad} "
+                                 f"(fp16 overflow in the UNet or a broken checkpoint?)")
             self._write_array(f"{unit.path}/{image_id}/b{block:02d}", half, ("image", "channel", "y", "x"),
                               {"block": block, "t": unit.t})
             nbytes += half.nbytes

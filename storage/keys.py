@@ -19,15 +19,19 @@ SCHEMA_VERSION = 1  # bump when the numerics of a stage change: old results stop
 
 def canonical_json(obj: Any) -> str:
     """JSON with sorted keys and no whitespace: the same mapping always gives the same text."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=_json_default)
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=json_default)
 
 
-def _json_default(obj: Any) -> Any:
+def json_default(obj: Any) -> Any:
+    """`json.dumps(default=...)` for key inputs: numpy scalars as numbers, sets sorted (their iteration order
+    changes between processes), paths and anything else refused."""
     if isinstance(obj, (np.integer,)):
         return int(obj)
     if isinstance(obj, (np.floating,)):
         return float(obj)
-    if isinstance(obj, (tuple, set)):
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj, key=canonical_json)
+    if isinstance(obj, tuple):
         return list(obj)
     if isinstance(obj, Path):
         raise TypeError(f"paths must not enter a key: {obj}")
@@ -41,9 +45,11 @@ def digest(obj: Any) -> str:
 
 def array_digest(array: np.ndarray) -> str:
     """sha256 of an array's dtype, shape and bytes (C order)."""
-    a = np.ascontiguousarray(array)
+    a = np.asarray(array)
+    if a.dtype.hasobject:
+        raise TypeError("array_digest: object arrays hold pointers, not values; convert to a numeric dtype")
     h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
-    h.update(a.tobytes())
+    h.update(a.tobytes(order="C"))
     return h.hexdigest()
 
 

@@ -42,8 +42,12 @@ class StoreLocation:
 
     @classmethod
     def parse(cls, url: str | Path, storage_options: dict[str, Any] | None = None) -> "StoreLocation":
-        text = str(url)
+        text = str(url).strip()
+        if not text:
+            raise StoreAccessError("store URL is empty: expected a local path or s3://bucket/prefix")
         if text.startswith("s3://"):
+            if not text[len("s3://"):].strip("/"):
+                raise StoreAccessError(f"store URL {text!r}: no bucket; expected s3://bucket/prefix")
             opts = {**s3_options_from_env(), **(storage_options or {})}
             return cls(text.rstrip("/"), opts)
         if "://" in text and not text.startswith("file://"):
