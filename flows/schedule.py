@@ -38,6 +38,8 @@ def serve_configs(configs: list[str], cron: str, store: str | None = None, name_
     """Register the deployments with the server at PREFECT_API_URL and execute their runs until interrupted."""
     from prefect import serve
 
+    for c in configs:
+        load_config(c)
     if not os.environ.get("PREFECT_API_URL"):
         from prefect.settings import PREFECT_API_URL
 

@@ -13,7 +13,8 @@ Layout (a plain zarr v3 hierarchy; open any array with `zarr.open_group(root)[pa
 
 `<image_id>` is a content hash of the image (storage.keys), so rows are addressed by content: adding an image
 adds a row, nothing else moves. Every array is one chunk, compressed with zstd and checked with crc32c;
-missing chunks read as NaN (the fill value), never as plausible zeros. An array counts only once its
+every chunk is written even when it equals the fill value, so a lost chunk is detected, never read as plausible
+zeros (float arrays: the NaN fill value shows it; integer arrays: the chunk count). An array counts only once its
 `committed` attribute is set, which happens after its data is written (commit-last): a killed writer leaves
 an uncommitted array that is simply rewritten by the next run; two writers of the same array write the same
 bytes (same inputs, same content) and both commit.
