@@ -47,9 +47,11 @@ _cached = dict(cache_key_fn=_stage_cache_key, persist_result=True)
 
 
 @task(name="prepare", cache_policy=NO_CACHE)
-def prepare_task(config: dict[str, Any], store_url: str, split: str) -> list[dict[str, str]]:
+def prepare_task(config: dict[str, Any], store_url: str, split: str) -> dict[str, list[dict[str, str]]]:
+    """Validate and store a split's images, labels and derived views; returns {"base": refs, "views": refs}."""
     cfg, store = _open(config, store_url)
-    return [asdict(r) for r in stages.prepare_split(cfg, store, split)]
+    refs = stages.prepare(cfg, store, split)
+    return {"base": [asdict(r) for r in refs.base], "views": [asdict(r) for r in refs.views]}
 
 
 @task(name="extract", **_cached)
@@ -99,11 +101,14 @@ def run_segment(cfg: ExperimentConfig, store_url: str | None = None, stages_to_r
     summary: dict[str, Any] = {"store": loc.url, "unet_forwards": 0, "members_trained": 0, "stages": {},
                                "prefect_cache_hits": 0}
 
-    train_refs = prepare_task(config, loc.url, "train")
-    test_refs = prepare_task(config, loc.url, "test")
+    prepared = {split: prepare_task(config, loc.url, split) for split in ("train", "test")}
+    split_refs = {split: stages.SplitRefs(_refs(p["base"]), _refs(p["views"])) for split, p in prepared.items()}
+    train_refs = [asdict(r) for r in split_refs["train"].extraction(cfg, "train")]
+    test_refs = prepared["test"]["base"]
     keys: dict[str, Key] = {}
     if "extract" in stages_to_run:
-        for split, refs in (("train", train_refs), ("test", test_refs)):
+        for split, sr in split_refs.items():
+            refs = [asdict(r) for r in sr.extraction(cfg, split)]
             key = keys[f"extract_{split}"] = stages.extract_key(cfg, _refs(refs))
             todo = stages.extract_plan(cfg, store, _refs(refs))
             counts, cached = _call(extract_task, bool(todo), summary, config=config, store_url=loc.url, refs=refs,
@@ -137,7 +142,7 @@ def run_segment(cfg: ExperimentConfig, store_url: str | None = None, stages_to_r
 
     if all(v == "cached" for v in summary["stages"].values()):
         summary["message"] = "nothing to do: every stage is fresh (0 forwards, 0 members trained)"
-    stages.write_lock(cfg, keys, _refs(train_refs) + _refs(test_refs))
+    stages.write_lock(cfg, keys, split_refs["train"].base + split_refs["test"].base)
     return summary
 
 

@@ -6,6 +6,7 @@ them directly. Arrays never cross a stage boundary: stages exchange image ids an
 """
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,10 +18,10 @@ from tqdm.auto import tqdm
 
 from pipeline import backbone as bb
 from pipeline import classifier as clf
-from pipeline import datasets, features, metrics, pixels, predict
+from pipeline import augment, datasets, features, metrics, pixels, predict
 from pipeline.config import ExperimentConfig, config_to_dict
 from storage import artifacts
-from storage.features import FeatureStore, UnitSpec
+from storage.features import FeatureStore, StoreError, UnitSpec
 from storage.maintenance import References
 from storage.keys import Key, array_digest, digest, file_digest
 from storage.location import StoreLocation
@@ -32,9 +33,15 @@ BASE_VIEW = "base"
 class ImageRef:
     """One image of a split as the stages see it: a content id, its label's hash and a display name."""
 
-    image_id: str
-    label_hash: str
+    image_id: str  # content hash of the base image (the same in every view of it)
+    label_hash: str  # hash of the label in this view
     stem: str
+    view: str = BASE_VIEW
+
+    @property
+    def entry(self) -> str:
+        """'<view>/<image_id>': one row of training data."""
+        return f"{self.view}/{self.image_id}"
 
 
 # -- fingerprints --------------------------------------------------------------------------------------------------
@@ -61,6 +68,23 @@ def feature_spec(cfg: ExperimentConfig) -> dict[str, Any]:
             "input_activations": f.input_activations, "image_size": cfg.image_size}
 
 
+def train_views(cfg: ExperimentConfig) -> list[tuple[str, int, list]]:
+    """(tag, view index, transform specs) of each train-time augmented view."""
+    a = cfg.augmentation
+    spec = [t.model_dump() for t in a.transforms]
+    tag = digest({"transforms": spec, "seed": a.seed})[:8]
+    return [(f"aug-{tag}-v{i:02d}", i, list(a.transforms)) for i in range(1, a.views + 1)]
+
+
+def tta_views(cfg: ExperimentConfig) -> list[tuple[str, int, list]]:
+    """(tag, view index, transform specs) of each test-time view (the original image is the base view)."""
+    out = []
+    for i, specs in enumerate(cfg.tta.specs(), start=1):
+        tag = digest({"transforms": [t.model_dump() for t in specs], "seed": cfg.tta.seed})[:8]
+        out.append((f"tta-{tag}", i, specs))
+    return out
+
+
 def unit_for(cfg: ExperimentConfig, t: int, view: str = BASE_VIEW) -> UnitSpec:
     return UnitSpec(backbone=backbone_tag(cfg), view=view, t=t, spec=digest(feature_spec(cfg))[:8])
 
@@ -71,12 +95,17 @@ def image_id_of(image: torch.Tensor) -> str:
 
 
 def train_key(cfg: ExperimentConfig, refs: list[ImageRef]) -> Key:
+    """refs: the base training images and their augmented views."""
     c = cfg.classifier
     hyper = {k: v for k, v in c.model_dump().items() if k != "model_num"}
+    base = [[r.image_id, r.label_hash] for r in refs if r.view == BASE_VIEW]
+    views = sorted({r.view for r in refs if r.view != BASE_VIEW})
+    augmented = [[r.view, r.image_id, r.label_hash] for r in refs if r.view != BASE_VIEW]
     return Key("train", {
         "backbone": backbone_fingerprint(cfg), "features": feature_spec(cfg),
         "steps": list(cfg.features.steps), "blocks": cfg.sorted_blocks,
-        "images": [[r.image_id, r.label_hash] for r in refs], "view": BASE_VIEW,
+        "images": base, "augmentation": {"views": views, "keep_iterations": cfg.augmentation.keep_iterations,
+                                         "labels": digest(augmented)[:16]},
         "classifier": hyper, "model_num": c.model_num,
         "number_class": cfg.dataset.number_class, "ignore_label": cfg.dataset.ignore_label,
     })
@@ -88,8 +117,12 @@ def members_key(train: Key) -> str:
 
 
 def evaluate_key(cfg: ExperimentConfig, train: Key, refs: list[ImageRef]) -> Key:
-    return Key("evaluate", {"train": train.value, "images": [[r.image_id, r.label_hash] for r in refs],
-                            "evaluation": cfg.evaluation.model_dump()})
+    """refs: the base test images (test-time views are named by the tta settings)."""
+    return Key("evaluate", {"train": train.value,
+                            "images": [[r.image_id, r.label_hash] for r in refs if r.view == BASE_VIEW],
+                            "evaluation": cfg.evaluation.model_dump(),
+                            "tta": {**cfg.tta.model_dump(), "views": [v[0] for v in tta_views(cfg)]},
+                            "postprocess": cfg.postprocess.model_dump()})
 
 
 # -- prepare: load a split, write its views ------------------------------------------------------------------------
@@ -111,6 +144,52 @@ def prepare_split(cfg: ExperimentConfig, store: FeatureStore, split: str, write:
     return refs
 
 
+def prepare_views(cfg: ExperimentConfig, store: FeatureStore, base: list[ImageRef],
+                  views: list[tuple[str, int, list]], write: bool = True) -> list[ImageRef]:
+    """Derive each view of each base image (deterministic from spec, seed, view index, image id) and store it."""
+    refs = []
+    for ref in base:
+        if views and not store.view_committed(BASE_VIEW, ref.image_id, ref.label_hash):
+            if not write:
+                continue
+            raise StoreError(f"view {BASE_VIEW} image {ref.image_id} ({ref.stem}) is not in the store: "
+                             f"prepare the base split first")
+        image = label = None
+        for tag, index, specs in views:
+            if image is None:
+                image = augment.to_uint8(store.read_view_input(BASE_VIEW, ref.image_id))
+                label = store.read_view_label(BASE_VIEW, ref.image_id, ref.label_hash)
+            seed = cfg.augmentation.seed if tag.startswith("aug-") else cfg.tta.seed
+            aug_image, aug_label = augment.apply_view(image, label, specs, seed, index, ref.image_id,
+                                                      cfg.dataset.ignore_label)
+            label_hash = array_digest(aug_label)[:20]
+            if write and not store.view_committed(tag, ref.image_id, label_hash):
+                store.write_view(tag, ref.image_id, augment.from_uint8(aug_image), aug_label, label_hash,
+                                 {"image_size": cfg.image_size, "view_index": index, "base_label": ref.label_hash})
+            refs.append(ImageRef(ref.image_id, label_hash, ref.stem, tag))
+    return refs
+
+
+@dataclass(frozen=True)
+class SplitRefs:
+    """A split's base images and their derived views (augmented views for train, test-time views for test)."""
+
+    base: list[ImageRef]
+    views: list[ImageRef]
+
+    def extraction(self, cfg: ExperimentConfig, split: str) -> list[ImageRef]:
+        """The refs whose features this split needs."""
+        if split == "test" and not cfg.tta.include_original:
+            return list(self.views)
+        return self.base + self.views
+
+
+def prepare(cfg: ExperimentConfig, store: FeatureStore, split: str, write: bool = True) -> SplitRefs:
+    base = prepare_split(cfg, store, split, write)
+    views = train_views(cfg) if split == "train" else tta_views(cfg)
+    return SplitRefs(base, prepare_views(cfg, store, base, views, write))
+
+
 # -- extract -------------------------------------------------------------------------------------------------------
 def _noise_for(cfg: ExperimentConfig, image_ids: list[str], t: int, device: torch.device) -> torch.Tensor | None:
     f = cfg.features
@@ -124,8 +203,8 @@ def _noise_for(cfg: ExperimentConfig, image_ids: list[str], t: int, device: torc
 def extract_key(cfg: ExperimentConfig, refs: list[ImageRef]) -> Key:
     """Key of extracting a split: backbone, feature spec, steps, blocks and the images' content ids."""
     return Key("extract", {"backbone": backbone_fingerprint(cfg), "features": feature_spec(cfg),
-                           "steps": list(cfg.features.steps), "blocks": cfg.sorted_blocks, "view": BASE_VIEW,
-                           "images": sorted({r.image_id for r in refs})})
+                           "steps": list(cfg.features.steps), "blocks": cfg.sorted_blocks,
+                           "images": sorted({r.entry for r in refs})})
 
 
 @dataclass(frozen=True)
@@ -133,6 +212,7 @@ class ForwardJob:
     """One UNet forward: a batch of images at one timestep, and the blocks they still lack."""
 
     t: int
+    view: str
     image_ids: tuple[str, ...]
     blocks: tuple[int, ...]
 
@@ -144,16 +224,18 @@ def extract_plan(cfg: ExperimentConfig, store: FeatureStore, refs: list[ImageRef
     """
     blocks = set(cfg.sorted_blocks)
     jobs: list[ForwardJob] = []
+    views = list(dict.fromkeys(r.view for r in refs))
     for t in cfg.features.steps:
-        unit = unit_for(cfg, t)
-        by_missing: dict[tuple[int, ...], list[str]] = {}
-        for image_id in dict.fromkeys(r.image_id for r in refs):
-            missing = tuple(sorted(blocks - store.committed_blocks(unit, image_id)))
-            if missing:
-                by_missing.setdefault(missing, []).append(image_id)
-        for missing, ids in by_missing.items():
-            for i in range(0, len(ids), cfg.features.batch_size):
-                jobs.append(ForwardJob(t, tuple(ids[i:i + cfg.features.batch_size]), missing))
+        for view in views:
+            unit = unit_for(cfg, t, view)
+            by_missing: dict[tuple[int, ...], list[str]] = {}
+            for image_id in dict.fromkeys(r.image_id for r in refs if r.view == view):
+                missing = tuple(sorted(blocks - store.committed_blocks(unit, image_id)))
+                if missing:
+                    by_missing.setdefault(missing, []).append(image_id)
+            for missing, ids in by_missing.items():
+                for i in range(0, len(ids), cfg.features.batch_size):
+                    jobs.append(ForwardJob(t, view, tuple(ids[i:i + cfg.features.batch_size]), missing))
     return jobs
 
 
@@ -169,12 +251,12 @@ def extract_split(cfg: ExperimentConfig, store: FeatureStore, refs: list[ImageRe
         return counts
     device = bb.resolve_device(cfg.features.device)
     model, diffusion = _load_backbone(cfg, device)
-    provenance = {"backbone": backbone_fingerprint(cfg), "features": feature_spec(cfg), "view": BASE_VIEW}
+    provenance = {"backbone": backbone_fingerprint(cfg), "features": feature_spec(cfg)}
     for job in tqdm(jobs, desc=desc, unit="fwd", disable=not progress):
-        unit = unit_for(cfg, job.t)
-        store.ensure_unit(unit, {**provenance, "t": job.t})
+        unit = unit_for(cfg, job.t, job.view)
+        store.ensure_unit(unit, {**provenance, "t": job.t, "view": job.view})
         ids = list(job.image_ids)
-        x0 = torch.stack([torch.from_numpy(store.read_view_input(BASE_VIEW, i)) for i in ids]).to(device)
+        x0 = torch.stack([torch.from_numpy(store.read_view_input(job.view, i)) for i in ids]).to(device)
         noise = _noise_for(cfg, ids, job.t, device)
         acts = bb.extract_blocks(model, diffusion, x0, job.t, noise, list(job.blocks),
                                  cfg.features.input_activations)
@@ -197,22 +279,24 @@ def _load_backbone(cfg: ExperimentConfig, device: torch.device):
 
 # -- train ---------------------------------------------------------------------------------------------------------
 def _map_reader(cfg: ExperimentConfig, store: FeatureStore, cache_size: int) -> Callable[[str], list[torch.Tensor]]:
-    units = [unit_for(cfg, t) for t in cfg.features.steps]
+    """entry '<view>/<image_id>' -> that image's maps in the official order, a few images cached."""
     blocks = cfg.sorted_blocks
     cache: dict[str, list[torch.Tensor]] = {}
 
-    def maps_of(image_id: str) -> list[torch.Tensor]:
-        if image_id not in cache:
+    def maps_of(entry: str) -> list[torch.Tensor]:
+        if entry not in cache:
             if len(cache) >= cache_size:
                 cache.pop(next(iter(cache)))
-            cache[image_id] = [torch.from_numpy(m) for m in store.read_maps(units, image_id, blocks)]
-        return cache[image_id]
+            view, image_id = entry.split("/")
+            units = [unit_for(cfg, t, view) for t in cfg.features.steps]
+            cache[entry] = [torch.from_numpy(m) for m in store.read_maps(units, image_id, blocks)]
+        return cache[entry]
 
     return maps_of
 
 
-def feature_dim(cfg: ExperimentConfig, store: FeatureStore, image_id: str) -> int:
-    units = [unit_for(cfg, t) for t in cfg.features.steps]
+def feature_dim(cfg: ExperimentConfig, store: FeatureStore, image_id: str, view: str = BASE_VIEW) -> int:
+    units = [unit_for(cfg, t, view) for t in cfg.features.steps]
     return sum(int(a.shape[0]) for u in units for a in store.feature_arrays(u, image_id, cfg.sorted_blocks))
 
 
@@ -228,22 +312,27 @@ def train_member(cfg: ExperimentConfig, store: FeatureStore, refs: list[ImageRef
     if artifacts.member_committed(loc, members_key(key), index):
         return {"member": index, "ran": False}
     c, d = cfg.classifier, cfg.dataset
-    dim = feature_dim(cfg, store, refs[0].image_id)
+    dim = feature_dim(cfg, store, refs[0].image_id, refs[0].view)
+    start = c.early_stop_start_epoch if c.early_stopping else c.max_epochs + 1
     settings = clf.TrainSettings(number_class=d.number_class, dim=dim, lr=c.lr, batch_size=c.batch_size,
                                  max_epochs=c.max_epochs, optimizer=c.optimizer, weight_decay=c.weight_decay,
-                                 dropout=c.dropout, early_stop_start_epoch=c.early_stop_start_epoch,
-                                 patience=c.patience)
+                                 dropout=c.dropout, early_stop_start_epoch=start, patience=c.patience)
     maps_of = _map_reader(cfg, store, cache_size=c.images_per_buffer + 1)
-    labels = {r.image_id: store.read_view_label(BASE_VIEW, r.image_id, r.label_hash) for r in refs}
-    ids = [r.image_id for r in refs]
+    labels = {r.entry: store.read_view_label(r.view, r.image_id, r.label_hash) for r in refs}
+    entries = [r.entry for r in refs]
     seed = member_seed(cfg, index)
+    per_epoch = None  # the study keeps the paper's iterations per epoch on the enlarged set
+    if cfg.augmentation.keep_iterations and any(r.view != BASE_VIEW for r in refs):
+        base = [labels[r.entry] for r in refs if r.view == BASE_VIEW]
+        per_epoch = max(1, pixels.count_labelled(base, d.ignore_label) // c.batch_size)
 
-    def pixel_features(image_id: str, ys: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
-        return features.sample_pixel_features(maps_of(image_id), ys, xs, cfg.image_size)
+    def pixel_features(entry: str, ys: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+        return features.sample_pixel_features(maps_of(entry), ys, xs, cfg.image_size)
 
     def epoch_batches(epoch: int):
-        return pixels.epoch_batches(ids, labels.__getitem__, pixel_features, d.ignore_label, c.batch_size,
-                                    epoch, seed, images_per_buffer=c.images_per_buffer)
+        batches = pixels.epoch_batches(entries, labels.__getitem__, pixel_features, d.ignore_label, c.batch_size,
+                                       epoch, seed, images_per_buffer=c.images_per_buffer)
+        return batches if per_epoch is None else itertools.islice(batches, per_epoch)
 
     model, info = clf.train_member(settings, epoch_batches, seed=seed, progress=progress,
                                    desc=f"member {index + 1}/{c.model_num}")
@@ -264,19 +353,44 @@ def load_members(loc: StoreLocation, key: Key, model_num: int) -> list[torch.nn.
 
 
 # -- evaluate ------------------------------------------------------------------------------------------------------
+@dataclass
+class Prediction:
+    mask: np.ndarray  # (H, W) uint8: mode over members
+    probs: np.ndarray  # (C, H, W) float32: members' mean softmax
+    uncertainty: float  # mean of the top 10% JS values
+
+
 def predict_maps(members: list[torch.nn.Module], maps: list[torch.Tensor], size: int,
-                 pixels_per_chunk: int = 16384) -> tuple[np.ndarray, float]:
-    """Mask (size, size) uint8 and the image's uncertainty score from native maps, in bounded memory."""
+                 pixels_per_chunk: int = 16384) -> Prediction:
+    """Predict one image from its native maps, building features chunk by chunk (bounded memory)."""
     ys, xs = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
     ys, xs = ys.reshape(-1), xs.reshape(-1)
-    labels, js = [], []
+    labels, js, probs = [], [], []
     for i in range(0, ys.numel(), pixels_per_chunk):
         feats = features.sample_pixel_features(maps, ys[i:i + pixels_per_chunk], xs[i:i + pixels_per_chunk], size)
         logits = predict.member_logits(members, feats)
         labels.append(predict.mode_vote(logits.argmax(-1)))
         js.append(predict.js_uncertainty(logits))
+        probs.append(torch.softmax(logits, -1).mean(0))
     mask = torch.cat(labels).reshape(size, size).numpy().astype(np.uint8)
-    return mask, predict.image_uncertainty(torch.cat(js))
+    prob = torch.cat(probs).T.reshape(-1, size, size).numpy()
+    return Prediction(mask, prob, predict.image_uncertainty(torch.cat(js)))
+
+
+def merge_views(predictions: list[Prediction], how: str) -> np.ndarray:
+    """Per-pixel merge of (geometry-undone) view predictions: majority vote (ties -> smallest label) or mean prob."""
+    if len(predictions) == 1:
+        return predictions[0].mask
+    if how == "vote":
+        return predict.mode_vote(torch.from_numpy(np.stack([p.mask for p in predictions]).astype(np.int64)
+                                                  .reshape(len(predictions), -1))).reshape(
+            predictions[0].mask.shape).numpy().astype(np.uint8)
+    return np.mean([p.probs for p in predictions], axis=0).argmax(0).astype(np.uint8)
+
+
+def _undo(pred: Prediction, specs: list) -> Prediction:
+    return Prediction(augment.undo_geometry(pred.mask, specs), augment.undo_geometry(pred.probs, specs),
+                      pred.uncertainty)
 
 
 def save_palette_png(mask: np.ndarray, palette: list[tuple[int, int, int]] | None, path: Path) -> None:
@@ -293,17 +407,24 @@ def save_palette_png(mask: np.ndarray, palette: list[tuple[int, int, int]] | Non
 
 def evaluate(cfg: ExperimentConfig, store: FeatureStore, refs: list[ImageRef], train: Key, key: Key,
              progress: bool = True) -> dict[str, Any]:
-    """Predict every test image, score it, persist masks (store + PNGs) and metrics; returns the result."""
+    """Predict every test image (each test-time view, merged), score it, persist masks and metrics.
+
+    refs: the base test refs; test-time views are derived from cfg.tta (their features must be extracted)."""
     loc = store.location
     members = load_members(loc, train, cfg.classifier.model_num)
     maps_of = _map_reader(cfg, store, cache_size=1)
     d = cfg.dataset
+    views = ([(BASE_VIEW, [])] if cfg.tta.include_original else []) + [(t, s) for t, _, s in tta_views(cfg)]
     masks, gts, uncertainties = [], [], []
     for r in tqdm(refs, desc="evaluate", unit="img", disable=not progress):
-        mask, unc = predict_maps(members, maps_of(r.image_id), cfg.image_size)
+        preds = [_undo(predict_maps(members, maps_of(f"{view}/{r.image_id}"), cfg.image_size), specs)
+                 for view, specs in views]
+        mask = merge_views(preds, cfg.tta.merge)
+        if cfg.postprocess.closing:
+            mask = augment.close_mask(mask)
         masks.append(mask)
         gts.append(store.read_view_label(BASE_VIEW, r.image_id, r.label_hash))
-        uncertainties.append(unc)
+        uncertainties.append(preds[0].uncertainty)
     scores = metrics.score(masks, gts, d.number_class, d.ignore_label)
     mask_path = artifacts.write_masks(store.root, key.value, np.stack(masks), [r.image_id for r in refs],
                                       [r.stem for r in refs])
@@ -311,7 +432,7 @@ def evaluate(cfg: ExperimentConfig, store: FeatureStore, refs: list[ImageRef], t
         "miou": 100 * scores.official_miou, "miou_standard": 100 * scores.standard_miou,
         "pixel_accuracy": 100 * scores.pixel_accuracy, "uncertainty": float(np.mean(uncertainties)),
         "scores": scores.to_dict(), "images": [asdict(r) for r in refs], "uncertainties": uncertainties,
-        "class_names": d.class_names, "masks_store_path": mask_path,
+        "class_names": d.class_names, "masks_store_path": mask_path, "views": [v for v, _ in views],
     }
     loc.write_bytes(f"evaluations/{key.value}/metrics.json", json.dumps(result, indent=1).encode())
     return result
@@ -364,13 +485,14 @@ def read_lock(cfg: ExperimentConfig) -> dict[str, Any]:
 
 def add_references(cfg: ExperimentConfig, store: FeatureStore, refs: References) -> References:
     """Add everything `cfg` needs from the store to `refs` (for `ddpmseg store gc`)."""
-    split_refs = {split: prepare_split(cfg, store, split, write=False) for split in ("train", "test")}
-    ids = {r.image_id for rs in split_refs.values() for r in rs}
-    for t in cfg.features.steps:
-        refs.units.setdefault(unit_for(cfg, t).path, set()).update(ids)
-    refs.view_images.update(ids)
-    train = train_key(cfg, split_refs["train"])
+    split_refs = {split: prepare(cfg, store, split, write=False) for split in ("train", "test")}
+    for split, sr in split_refs.items():
+        for r in sr.extraction(cfg, split):
+            for t in cfg.features.steps:
+                refs.units.setdefault(unit_for(cfg, t, r.view).path, set()).add(r.image_id)
+        refs.view_images.update(r.image_id for r in sr.base + sr.views)
+    train = train_key(cfg, split_refs["train"].base + split_refs["train"].views)
     refs.train_keys.add(train.value)
     refs.member_keys.add(members_key(train))
-    refs.evaluate_keys.add(evaluate_key(cfg, train, split_refs["test"]).value)
+    refs.evaluate_keys.add(evaluate_key(cfg, train, split_refs["test"].base).value)
     return refs

@@ -79,7 +79,8 @@ def stage_status(cfg: ExperimentConfig, store_url: str | None = None) -> list[di
     store = FeatureStore(StoreLocation.parse(store_url or cfg.store))
     lock = stages.read_lock(cfg)
     old = lock.get("stages", {})
-    refs = {split: stages.prepare_split(cfg, store, split, write=False) for split in ("train", "test")}
+    prepared = {split: stages.prepare(cfg, store, split, write=False) for split in ("train", "test")}
+    refs = {split: p.extraction(cfg, split) for split, p in prepared.items()}
     names = {**lock.get("names", {}), **{r.image_id: r.stem for rs in refs.values() for r in rs}}
     old_steps = set(old.get("extract_train", {}).get("inputs", {}).get("steps", []))
     old_blocks = set(old.get("extract_train", {}).get("inputs", {}).get("blocks", []))
@@ -89,8 +90,8 @@ def stage_status(cfg: ExperimentConfig, store_url: str | None = None) -> list[di
         key = stages.extract_key(cfg, rs)
         old_inputs = old.get(f"extract_{split}", {}).get("inputs")
         for t in cfg.features.steps:
-            unit = stages.unit_for(cfg, t)
-            missing = {r.image_id: set(cfg.sorted_blocks) - store.committed_blocks(unit, r.image_id) for r in rs}
+            missing = {r.entry: set(cfg.sorted_blocks) - store.committed_blocks(stages.unit_for(cfg, t, r.view),
+                                                                                 r.image_id) for r in rs}
             missing = {i: m for i, m in missing.items() if m}
             name = f"extract {split}/t{t:04d}"
             if not missing:
@@ -109,12 +110,13 @@ def stage_status(cfg: ExperimentConfig, store_url: str | None = None) -> list[di
                     reasons.append(f"new block(s) {new_blocks}")
                 n_missing = len(missing)
                 if not new_blocks or n_missing < len(rs):
-                    reasons.append(f"{n_missing} of {len(rs)} image(s) without features: "
-                                   f"{', '.join(sorted(names.get(i, i[:8]) for i in missing)[:8])}")
+                    shown = sorted({names.get(e.split("/")[1], e.split("/")[1][:8]) for e in missing})[:8]
+                    reasons.append(f"{n_missing} of {len(rs)} image view(s) without features: {', '.join(shown)}")
             state = "missing" if len(missing) == len(rs) else "stale"
             out.append({"stage": name, "state": state, "reasons": reasons, "images": len(rs)})
 
     train_key = stages.train_key(cfg, refs["train"])
+    refs["test"] = prepared["test"].base
     fresh = artifacts.read_record(store.location, "train", train_key.value) is not None
     out.append({"stage": "train", "state": "fresh" if fresh else "stale", "key": train_key.short,
                 "reasons": [] if fresh else diff_inputs(old.get("train", {}).get("inputs"), train_key.inputs, names)})

@@ -14,8 +14,8 @@ Files written for ``out = ckpt.pt``:
 - ``ckpt.resume.pt``: what resuming needs (raw and EMA weights, optimizer state, step, settings, a hash of the
   training images), loadable with ``weights_only=True``.
 
-Determinism: every random draw of step ``s`` (which images, flips, timesteps, noise, dropout) comes from
-generators seeded with ``(seed, s)``, and images are visited in epochs of a seeded permutation; the state after
+Determinism: the initial weights come from ``torch.manual_seed(seed)``; every random draw of step ``s`` (which
+images, flips, timesteps, noise, dropout) comes from generators seeded with ``(seed, s)``, and images are visited in epochs of a seeded permutation; the state after
 ``s`` steps is therefore the same whether the run was interrupted and resumed or not (bit-identical on the CPU).
 
 Images: every ``.png`` / ``.jpg`` / ``.jpeg`` under the folder (recursive, sorted), square, loaded once into
@@ -300,7 +300,9 @@ def train_backbone(
                             f"choose --batch-size <= {n_images}")
     digest = _images_digest(images)
 
-    model, diffusion = build_backbone(completed, device=target)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(settings.seed)  # the initial weights follow the seed too
+        model, diffusion = build_backbone(completed, device=target)
     if completed["use_fp16"] and target.type == "cuda":
         raise TrainingError("use_fp16 training is not supported (no loss scaling here); set use_fp16 false in the "
                             "flags to train (extraction may still convert the trained weights to float16)")
