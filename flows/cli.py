@@ -205,6 +205,22 @@ def cmd_store(args: argparse.Namespace) -> int:
     raise AssertionError(args.store_cmd)
 
 
+def cmd_ablate(args: argparse.Namespace) -> int:
+    _prefect_defaults()
+    from flows.ablate import ablate
+    from pipeline.config import load_config
+
+    load_config(args.config)
+    out = ablate(str(Path(args.config).resolve()), _store_url(args.store) if args.store else None,
+                 closing=not args.no_closing, progress=not args.quiet)
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(Path(out["table_path"]).read_text(), end="")
+        print(f"table: {out['table_path']}  json: {out['json_path']}")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     _prefect_defaults()
     from flows.schedule import serve_configs
@@ -254,6 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
     s3.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
     s3.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_store)
+
+    sp = sub.add_parser("ablate", help="paper -> +augs -> +anti-overfit -> +TTA (-> +closing): a table of mIoU per row")
+    common(sp)
+    sp.add_argument("--no-closing", action="store_true", help="leave out the +closing row")
+    sp.set_defaults(func=cmd_ablate)
 
     sp = sub.add_parser("serve", help="serve the flow for configs as Prefect deployments on a cron schedule")
     sp.add_argument("configs", nargs="+", metavar="CONFIG")

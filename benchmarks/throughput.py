@@ -1,0 +1,102 @@
+"""Figure 4: labelled pixels per second through one member's training (one epoch), streaming vs in memory.
+
+- streaming: flows.stages.train_member from the synthetic store at the real geometry (read maps through dask,
+  sample each labelled pixel's features from the native maps, buffered shuffle, MLP steps);
+- in memory: the same labelled pixels' features (same values) held as one (P, D) float32 tensor, trained with
+  the same loop (pipeline.classifier.train_member) fed by (a) a global shuffle cut by tensor indexing (the
+  fastest in-memory loader: the strict baseline of the headline ratio) and (b) the official
+  DataLoader(FeatureDataset, batch 64, shuffle=True).
+A short warm-up training runs first so that no path pays torch's one-off first-optimizer-step cost.
+The streaming time is broken down by timing its two feature-building calls separately on the same data:
+FeatureStore.read_maps (per image) and features.sample_pixel_features (per labelled pixel).
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from benchmarks import official
+from benchmarks.common import log
+from benchmarks.synthetic_store import SyntheticStore
+from flows import stages
+from pipeline import classifier as clf
+from pipeline import features, pixels
+
+THROUGHPUT_SEED = 7919  # classifier seed of this benchmark: a train key of its own, never a member of figure 1
+
+
+def _warm_up(dim: int, number_class: int) -> None:
+    settings = clf.TrainSettings(number_class=number_class, dim=dim, max_epochs=1)
+    X, y = torch.randn(256, dim), torch.randint(0, number_class, (256,))
+    clf.train_member(settings, official.in_memory_batches(X, y, 64, 0), seed=0)
+
+
+def run_throughput(syn: SyntheticStore, n_images: int) -> dict[str, Any]:
+    refs = syn.refs[:n_images]
+    cfg = syn.cfg(n_images=n_images, classifier={"seed": THROUGHPUT_SEED})
+    store = syn.store()
+    c, d = cfg.classifier, cfg.dataset
+    units = [stages.unit_for(cfg, t) for t in cfg.features.steps]
+    dim = stages.feature_dim(cfg, store, refs[0].image_id)
+    _warm_up(dim, d.number_class)
+
+    log(f"throughput: streaming from the store ({n_images} images)")
+    key = stages.train_key(cfg, refs)
+    start = time.perf_counter()
+    info = stages.train_member(cfg, store, refs, key, 0, progress=False)
+    streaming_s = time.perf_counter() - start
+    if not info.get("ran"):
+        raise RuntimeError("throughput: the member was already trained in this store (the store is not fresh)")
+    streaming_px = info["iterations"] * c.batch_size
+
+    log("throughput: building the in-memory features of the same pixels")
+    read_s = sample_s = 0.0
+    Xs, ys = [], []
+    for r in refs:
+        label = store.read_view_label(stages.BASE_VIEW, r.image_id, r.label_hash)
+        py, px, classes = pixels.labelled_pixels(label, d.ignore_label)
+        t0 = time.perf_counter()
+        maps = [torch.from_numpy(m) for m in store.read_maps(units, r.image_id, cfg.sorted_blocks)]
+        t1 = time.perf_counter()
+        Xs.append(features.sample_pixel_features(maps, torch.from_numpy(py), torch.from_numpy(px), cfg.image_size))
+        t2 = time.perf_counter()
+        read_s, sample_s = read_s + t1 - t0, sample_s + t2 - t1
+        ys.append(torch.from_numpy(classes.astype(np.uint8)))
+        del maps
+    X, y = torch.cat(Xs), torch.cat(ys)
+    del Xs
+    settings = clf.TrainSettings(number_class=d.number_class, dim=dim, lr=c.lr, batch_size=c.batch_size,
+                                 max_epochs=1)
+    seed = stages.member_seed(cfg, 0)
+
+    log(f"throughput: in memory, tensor-index loader ({len(y)} pixels)")
+    start = time.perf_counter()
+    _, fast_info = clf.train_member(settings, official.in_memory_batches(X, y, c.batch_size, seed), seed=seed)
+    fast_s = time.perf_counter() - start
+    log("throughput: in memory, official DataLoader(FeatureDataset)")
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    _, loader_info = clf.train_member(settings, official.official_loader_batches(X, y, c.batch_size), seed=seed)
+    loader_s = time.perf_counter() - start
+
+    streaming_rate = streaming_px / streaming_s
+    fast_rate = fast_info["iterations"] * c.batch_size / fast_s
+    loader_rate = loader_info["iterations"] * c.batch_size / loader_s
+    labelled = int(len(y))
+    return {
+        "images": n_images, "labelled_pixels": labelled, "dim": dim, "iterations": info["iterations"],
+        "streaming_s": streaming_s, "in_memory_s": fast_s, "official_loader_s": loader_s,
+        "streaming_px_per_s": streaming_rate, "in_memory_px_per_s": fast_rate,
+        "official_loader_px_per_s": loader_rate,
+        "streaming_throughput_ratio": streaming_rate / fast_rate,
+        "streaming_throughput_ratio_vs_official_loader": streaming_rate / loader_rate,
+        "breakdown_s": {
+            "read_maps": read_s, "sample_pixel_features": sample_s, "mlp_steps_in_memory": fast_s,
+            "other": streaming_s - read_s - sample_s - fast_s,
+        },
+        "sample_pixel_features_us_per_px": 1e6 * sample_s / labelled,
+        "mlp_us_per_px": 1e6 * fast_s / (fast_info["iterations"] * c.batch_size),
+    }
