@@ -16,7 +16,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from benchmarks.common import (MB, BenchmarkError, current_rss_mb, emit, linear_fit, log, mem_available_mb,
                                peak_rss_mb, run_child)
@@ -101,12 +101,15 @@ def _official_fits(n: int, dim: int, size: int, cap_mb: float) -> tuple[bool, st
 
 
 def run_memory(manifest_root: Path, geometry_dim: int, step_dim: int, size: int, ours_ns: list[int],
-               official_ns: list[int], official_one_step_ns: list[int], official_cap_mb: float) -> dict[str, Any]:
-    """Run every child; returns the per-run results, both slopes and the official extrapolation."""
+               official_ns: list[int], official_one_step_ns: list[int], official_cap_mb: float,
+               runner: Callable[[str, list[str]], dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Run every child (`runner(module, args)`; default: run_child, a fresh process); returns the per-run results,
+    both slopes and the official extrapolation."""
+    runner = runner or run_child
     ours = []
     for n in ours_ns:
         log(f"memory: ours, N={n}")
-        ours.append(run_child("benchmarks.memory", ["ours", str(manifest_root), str(n)]))
+        ours.append(runner("benchmarks.memory", ["ours", str(manifest_root), str(n)]))
     official, skipped = [], []
     for n_steps, ns, dim in ((None, official_ns, geometry_dim), (1, official_one_step_ns, step_dim)):
         for n in ns:
@@ -117,7 +120,7 @@ def run_memory(manifest_root: Path, geometry_dim: int, step_dim: int, size: int,
                 continue
             log(f"memory: official, N={n}, D={dim}")
             steps_arg = str(n_steps if n_steps is not None else 1000)
-            official.append(run_child("benchmarks.memory", ["official", str(manifest_root), str(n), steps_arg]))
+            official.append(runner("benchmarks.memory", ["official", str(manifest_root), str(n), steps_arg]))
     return summarise(ours, official, skipped, geometry_dim, step_dim, size)
 
 
@@ -162,16 +165,22 @@ def summarise(ours: list[dict], official: list[dict], skipped: list[dict], geome
     return out
 
 
+def child_result(argv: list[str]) -> dict[str, Any]:
+    """The result of one child given its arguments: `ours MANIFEST_DIR N` or `official MANIFEST_DIR N N_STEPS`."""
+    if len(argv) == 3 and argv[0] == "ours":
+        return ours_child(argv[1], int(argv[2]))
+    if len(argv) == 4 and argv[0] == "official":
+        return official_child(argv[1], int(argv[2]), int(argv[3]))
+    raise ValueError(f"expected `ours MANIFEST_DIR N` or `official MANIFEST_DIR N N_STEPS`, got {argv}")
+
+
 def main(argv: list[str]) -> int:
-    if len(argv) >= 3 and argv[0] == "ours":
-        emit(ours_child(argv[1], int(argv[2])))
-        return 0
-    if len(argv) >= 4 and argv[0] == "official":
-        emit(official_child(argv[1], int(argv[2]), int(argv[3])))
-        return 0
-    print("usage: python -m benchmarks.memory ours MANIFEST_DIR N | official MANIFEST_DIR N N_STEPS",
-          file=sys.stderr)
-    return 2
+    if not (len(argv) == 3 and argv[0] == "ours" or len(argv) == 4 and argv[0] == "official"):
+        print("usage: python -m benchmarks.memory ours MANIFEST_DIR N | official MANIFEST_DIR N N_STEPS",
+              file=sys.stderr)
+        return 2
+    emit(child_result(argv))
+    return 0
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ ephemeral server, as a user without a server gets it):
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys

@@ -54,16 +54,18 @@ def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
 
 
 def run_config(config_path: str | Path, store: str | None = None, stages: tuple[str, ...] = ("extract", "train",
-               "evaluate"), progress: bool = True) -> dict[str, Any]:
+               "evaluate"), progress: bool = True, read_only: bool = False,
+               dask_address: str | None = None) -> dict[str, Any]:
     """Validate a config and run the segment flow on it; returns the flow's summary."""
     _prefect_defaults()
     from pipeline.config import load_config
 
     cfg = load_config(config_path)  # validate before starting Prefect: a bad file fails fast
-    from flows.segment import segment
+    from flows.segment import segment_on
 
-    return segment(str(Path(config_path).resolve()), _store_url(store) if store else cfg.store, list(stages),
-                   progress)
+    dask_address = dask_address or os.environ.get("DDPMSEG_DASK_ADDRESS") or None
+    return segment_on(dask_address)(str(Path(config_path).resolve()), _store_url(store) if store else cfg.store,
+                                    list(stages), progress, read_only, parallel=bool(dask_address))
 
 
 def _store_url(url: str) -> str:
@@ -73,7 +75,8 @@ def _store_url(url: str) -> str:
 
 
 def cmd_run(args: argparse.Namespace, stages: tuple[str, ...]) -> int:
-    summary = run_config(args.config, args.store, stages, progress=not args.quiet)
+    summary = run_config(args.config, args.store, stages, progress=not args.quiet, read_only=args.read_only,
+                         dask_address=args.dask_address)
     _print_summary(summary, args.json)
     return 0
 
@@ -234,21 +237,27 @@ def build_parser() -> argparse.ArgumentParser:
                                 "a cached extract -> train -> evaluate pipeline (Prefect flows, zarr feature store).")
     sub = p.add_subparsers(dest="command", required=True)
 
-    def common(sp: argparse.ArgumentParser, with_config: bool = True) -> None:
+    def common(sp: argparse.ArgumentParser, with_config: bool = True, runs: bool = False) -> None:
         if with_config:
             sp.add_argument("config", help="experiment YAML file")
             sp.add_argument("--store", help="feature store: a directory or s3://bucket/prefix (default: config's store)")
         sp.add_argument("--json", action="store_true", help="print one JSON summary object on stdout at the end")
+        if runs:
+            sp.add_argument("--read-only", action="store_true",
+                            help="never write the store (a consumer of a shared store); a missing stage is an error")
+            sp.add_argument("--dask-address", metavar="tcp://HOST:8786",
+                            help="run extraction batches and ensemble members on this Dask cluster "
+                                 "(default: $DDPMSEG_DASK_ADDRESS, else local)")
         sp.add_argument("--quiet", action="store_true", help="no progress bars")
 
     sp = sub.add_parser("run", help="run extract -> train -> evaluate for a config")
-    common(sp)
+    common(sp, runs=True)
     sp.set_defaults(func=lambda a: cmd_run(a, ("extract", "train", "evaluate")))
     for stage, text in (("extract", "run the UNet and write features to the store"),
                         ("train", "train the MLP ensemble from stored features"),
                         ("evaluate", "predict the test split, score it, persist masks and metrics")):
         sp = sub.add_parser(stage, help=text)
-        common(sp)
+        common(sp, runs=True)
         sp.set_defaults(func=lambda a, s=stage: cmd_run(a, (s,)))
 
     sp = sub.add_parser("status", help="say which stages are fresh or stale, and which input changed")

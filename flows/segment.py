@@ -28,7 +28,8 @@ ALL_STAGES = ("extract", "train", "evaluate")
 
 
 def _open(config: dict[str, Any], store_url: str) -> tuple[ExperimentConfig, FeatureStore]:
-    return ExperimentConfig.model_validate(config), FeatureStore(StoreLocation.parse(store_url))
+    cfg = ExperimentConfig.model_validate(config)
+    return cfg, FeatureStore(StoreLocation.parse(store_url, read_only=cfg.store_read_only))
 
 
 def _refs(refs: list[dict[str, str]]) -> list[stages.ImageRef]:
@@ -84,19 +85,38 @@ def _key_dict(key: Key) -> dict[str, Any]:
     return {"stage": key.stage, "inputs": key.inputs}
 
 
+def _call_many(task_fn, calls: list[tuple[bool, dict[str, Any]]], summary: dict[str, Any],
+               parallel: bool) -> list[tuple[Any, bool]]:
+    """Run cached tasks, one per (refresh_cache, kwargs); returns [(result, came_from_prefect_cache)].
+
+    parallel: submit them all to the flow's task runner (a Dask cluster); otherwise run them one after another
+    in this process (one model in memory, readable progress bars)."""
+    if parallel:
+        futures = [task_fn.with_options(refresh_cache=refresh).submit(**kwargs) for refresh, kwargs in calls]
+        for f in futures:
+            f.wait()
+        states = [f.state for f in futures]
+    else:
+        states = [task_fn.with_options(refresh_cache=refresh)(return_state=True, **kwargs) for refresh, kwargs in calls]
+    out = []
+    for state in states:
+        cached = state.name == "Cached"
+        summary["prefect_cache_hits"] += int(cached)
+        out.append((state.result(), cached))
+    return out
+
+
 def _call(task_fn, refresh: bool, summary: dict[str, Any], **kwargs) -> tuple[Any, bool]:
-    """Run a cached task; returns (result, came_from_prefect_cache) and counts Prefect cache hits."""
-    state = task_fn.with_options(refresh_cache=refresh)(return_state=True, **kwargs)
-    cached = state.name == "Cached"
-    summary["prefect_cache_hits"] += int(cached)
-    return state.result(), cached
+    return _call_many(task_fn, [(refresh, kwargs)], summary, parallel=False)[0]
 
 
 def run_segment(cfg: ExperimentConfig, store_url: str | None = None, stages_to_run: tuple[str, ...] = ALL_STAGES,
-                progress: bool = True) -> dict[str, Any]:
-    """The body of the flow for an already-validated config (must run inside a flow)."""
+                progress: bool = True, parallel: bool = False) -> dict[str, Any]:
+    """The body of the flow for an already-validated config (must run inside a flow).
+
+    parallel: extraction per image batch and ensemble members as concurrent tasks (on a Dask cluster)."""
     config = config_to_dict(cfg)
-    loc = StoreLocation.parse(store_url or cfg.store)
+    loc = StoreLocation.parse(store_url or cfg.store, read_only=cfg.store_read_only)
     store = FeatureStore(loc)
     summary: dict[str, Any] = {"store": loc.url, "unet_forwards": 0, "members_trained": 0, "stages": {},
                                "prefect_cache_hits": 0}
@@ -108,21 +128,26 @@ def run_segment(cfg: ExperimentConfig, store_url: str | None = None, stages_to_r
     keys: dict[str, Key] = {}
     if "extract" in stages_to_run:
         for split, sr in split_refs.items():
-            refs = [asdict(r) for r in sr.extraction(cfg, split)]
-            key = keys[f"extract_{split}"] = stages.extract_key(cfg, _refs(refs))
-            todo = stages.extract_plan(cfg, store, _refs(refs))
-            counts, cached = _call(extract_task, bool(todo), summary, config=config, store_url=loc.url, refs=refs,
-                                   key=_key_dict(key), split=split, progress=progress)
-            summary["unet_forwards"] += 0 if cached else counts["unet_forwards"]
+            refs = sr.extraction(cfg, split)
+            keys[f"extract_{split}"] = stages.extract_key(cfg, refs)
+            step = cfg.features.batch_size if parallel else max(1, len(refs))
+            calls = []
+            for batch in (refs[i:i + step] for i in range(0, len(refs), step)):
+                todo = stages.extract_plan(cfg, store, batch)
+                calls.append((bool(todo), dict(config=config, store_url=loc.url, refs=[asdict(r) for r in batch],
+                                               key=_key_dict(stages.extract_key(cfg, batch)), split=split,
+                                               progress=progress and not parallel)))
+            for counts, cached in _call_many(extract_task, calls, summary, parallel):
+                summary["unet_forwards"] += 0 if cached else counts["unet_forwards"]
         summary["stages"]["extract"] = "ran" if summary["unet_forwards"] else "cached"
 
     train_key = keys["train"] = stages.train_key(cfg, _refs(train_refs))
     summary["train_key"] = train_key.value
     if "train" in stages_to_run:
-        for i in range(cfg.classifier.model_num):
-            missing = not artifacts.member_committed(loc, stages.members_key(train_key), i)
-            info, cached = _call(train_member_task, missing, summary, config=config, store_url=loc.url, refs=train_refs,
-                                 key=_key_dict(train_key), index=i, progress=progress)
+        calls = [(not artifacts.member_committed(loc, stages.members_key(train_key), i),
+                  dict(config=config, store_url=loc.url, refs=train_refs, key=_key_dict(train_key), index=i,
+                       progress=progress and not parallel)) for i in range(cfg.classifier.model_num)]
+        for info, cached in _call_many(train_member_task, calls, summary, parallel):
             summary["members_trained"] += int(info["ran"] and not cached)
         if artifacts.read_record(loc, "train", train_key.value) is None:
             artifacts.write_record(loc, train_key, {"members": cfg.classifier.model_num,
@@ -148,7 +173,18 @@ def run_segment(cfg: ExperimentConfig, store_url: str | None = None, stages_to_r
 
 @flow(name="segment")
 def segment(config_path: str, store_url: str | None = None, stages_to_run: list[str] | None = None,
-            progress: bool = True) -> dict[str, Any]:
+            progress: bool = True, read_only: bool = False, parallel: bool = False) -> dict[str, Any]:
     """Run the pipeline for one experiment YAML file (read at run time, so scheduled runs see its edits)."""
     cfg = load_config(config_path)
-    return run_segment(cfg, store_url, tuple(stages_to_run or ALL_STAGES), progress)
+    if read_only:
+        cfg.store_read_only = True
+    return run_segment(cfg, store_url, tuple(stages_to_run or ALL_STAGES), progress, parallel)
+
+
+def segment_on(dask_address: str | None):
+    """The segment flow, on a Dask cluster's task runner when an address (tcp://host:8786) is given."""
+    if not dask_address:
+        return segment
+    from prefect_dask import DaskTaskRunner
+
+    return segment.with_options(task_runner=DaskTaskRunner(address=dask_address))

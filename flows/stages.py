@@ -267,7 +267,19 @@ def extract_split(cfg: ExperimentConfig, store: FeatureStore, refs: list[ImageRe
     return counts
 
 
+_BACKBONE_CACHE: dict[tuple[str, str], tuple[Any, Any]] = {}
+
+
 def _load_backbone(cfg: ExperimentConfig, device: torch.device):
+    """Build (or reuse: one per process, e.g. a Dask worker running many extraction batches) the backbone."""
+    key = (digest(backbone_fingerprint(cfg)), str(device))
+    if key not in _BACKBONE_CACHE:
+        _BACKBONE_CACHE.clear()
+        _BACKBONE_CACHE[key] = _build_backbone(cfg, device)
+    return _BACKBONE_CACHE[key]
+
+
+def _build_backbone(cfg: ExperimentConfig, device: torch.device):
     torch.manual_seed(cfg.model.init_seed)
     model, diffusion = bb.build_backbone(cfg.model.full_flags(), device)
     if cfg.model.checkpoint is not None:

@@ -220,6 +220,7 @@ class ExperimentConfig(_Strict):
     tta: TTAConfig = Field(default_factory=TTAConfig)
     postprocess: PostprocessConfig = Field(default_factory=PostprocessConfig)
     store: str = "ddpmseg-store"
+    store_read_only: bool = False  # consumers of a shared store: any stage that would need writing is an error
     output_dir: str | None = None
 
     @model_validator(mode="before")

@@ -147,23 +147,26 @@ def plot_clusters_grid(image: np.ndarray, maps: np.ndarray, blocks: Sequence[int
         raise ValueError(f"plot_clusters_grid: maps shape {maps.shape} does not match {len(blocks)} blocks x "
                          f"{len(steps)} steps")
     nb, ns = len(blocks), len(steps)
-    cell = 1.6
     left = 2 if label is not None else 1
-    fig = plt.figure(figsize=(cell * (ns + 1.3), cell * max(nb, left) + 0.9))
-    grid = fig.add_gridspec(max(nb, left), ns + 1, width_ratios=[1.25] + [1] * ns, wspace=0.08, hspace=0.12)
-    ax = fig.add_subplot(grid[0, 0])
+    rows = max(nb, left)
+    cell = 1.6
+    fig = plt.figure(figsize=(cell * (ns + 1.5), cell * 1.12 * rows + 1.0))
+    outer = fig.add_gridspec(1, 2, width_ratios=[1.0, ns], wspace=0.25 / max(ns, 1) + 0.12)
+    left_grid = outer[0].subgridspec(rows, 1, hspace=0.25)
+    right_grid = outer[1].subgridspec(rows, ns, wspace=0.06, hspace=0.12)
+    ax = fig.add_subplot(left_grid[0])
     ax.imshow(analysis.display_image(image))
     ax.set_title("input image", fontsize=9)
     ax.axis("off")
     if label is not None:
-        ax = fig.add_subplot(grid[1, 0])
-        ax.imshow(analysis.colorize(label, palette, ignore_label))
+        ax = fig.add_subplot(left_grid[1])
+        ax.imshow(analysis.colorize(label, palette, ignore_label), interpolation="nearest")
         ax.set_title("ground truth", fontsize=9)
         ax.axis("off")
     cmap = cluster_colours(k)
     for i, b in enumerate(blocks):
         for j, t in enumerate(steps):
-            ax = fig.add_subplot(grid[i, j + 1])
+            ax = fig.add_subplot(right_grid[i, j])
             ax.imshow(maps[i, j], cmap=cmap, vmin=-0.5, vmax=k - 0.5, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
@@ -173,7 +176,8 @@ def plot_clusters_grid(image: np.ndarray, maps: np.ndarray, blocks: Sequence[int
                 ax.set_ylabel(f"block {b}", fontsize=9)
     fig.suptitle(title or f"k-means clusters (k = {k}) of each block's features", y=0.995)
     fig.legend(handles=[Patch(color=cmap(c), label=f"cluster {c}") for c in range(k)], loc="lower center",
-               ncol=min(k, 10), fontsize=8, bbox_to_anchor=(0.55, -0.01), frameon=False)
+               ncol=min(k, 5), fontsize=8, bbox_to_anchor=(0.5, 0.0), frameon=False,
+               title="clusters, numbered by size (0 = largest)", title_fontsize=8)
     return _save(fig, path)
 
 
@@ -189,7 +193,7 @@ def write_gallery(images: Sequence[np.ndarray], gts: Sequence[np.ndarray], preds
                   names: Sequence[str] | None = None, palette: Sequence[Sequence[int]] | None = None,
                   class_names: Sequence[str] | None = None, ignore_label: int | None = None) -> Path:
     """The k images with the lowest mIoU, ascending, one row each: image | ground truth | prediction | error map
-    (red = wrong, white = right, grey = ignore label in the ground truth).
+    (red = wrong, light green = right, grey = ignore label in the ground truth).
 
     images: (H, W, 3) uint8 or (3, H, W) model inputs in [-1, 1]; gts, preds: (H, W) integer masks;
     per_image_miou: fractions in [0, 1] or None/NaN (nothing to score), same order."""
@@ -201,7 +205,7 @@ def write_gallery(images: Sequence[np.ndarray], gts: Sequence[np.ndarray], preds
         raise ValueError("write_gallery: no images")
     names = list(names) if names else [f"image {i}" for i in range(len(images))]
     ignore = -1 if ignore_label is None else ignore_label
-    error_cmap = ListedColormap([(1, 1, 1), (0.85, 0.1, 0.1), (0.6, 0.6, 0.6)])
+    error_cmap = ListedColormap([(0.88, 0.95, 0.88), (0.85, 0.1, 0.1), (0.6, 0.6, 0.6)])
     rows = len(order)
     fig, axes = plt.subplots(rows, 4, figsize=(9.5, 2.3 * rows + 0.8), squeeze=False)
     for r, i in enumerate(order):
@@ -225,8 +229,9 @@ def write_gallery(images: Sequence[np.ndarray], gts: Sequence[np.ndarray], preds
     number = int(max(max(int(np.max(g)) for g in gts if np.size(g)), max(int(np.max(p)) for p in preds))) + 1
     number = min(number, len(class_names) if class_names else number)
     handles = _class_legend(palette, class_names, number)
-    handles += [Patch(color=(0.85, 0.1, 0.1), label="error"), Patch(color=(0.6, 0.6, 0.6), label="ignore label")]
-    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 7), fontsize=8, frameon=False,
+    handles += [Patch(color=(0.88, 0.95, 0.88), label="correct"), Patch(color=(0.85, 0.1, 0.1), label="wrong"),
+                Patch(color=(0.6, 0.6, 0.6), label="ignore label")]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 8), fontsize=8, frameon=False,
                bbox_to_anchor=(0.5, -0.01))
     fig.suptitle(f"worst {rows} of {len(images)} test images by mIoU (standard, per image)")
     fig.tight_layout(rect=(0, 0.04, 1, 0.98))

@@ -21,6 +21,7 @@ bytes (same inputs, same content) and both commit.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -32,7 +33,7 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.errors import ContainsArrayError, ContainsGroupError
 
-from storage.location import StoreLocation
+from storage.location import StoreAccessError, StoreLocation, is_transient, with_retries
 
 FEATURE_DTYPE = np.float16
 
@@ -68,17 +69,23 @@ class FeatureStore:
 
     def __init__(self, location: StoreLocation | str, read_only: bool = False):
         self.location = location if isinstance(location, StoreLocation) else StoreLocation.parse(location)
-        self.read_only = read_only
+        if read_only and not self.location.read_only:
+            self.location = dataclasses.replace(self.location, read_only=True)
+        self.read_only = self.location.read_only
         self._root: zarr.Group | None = None
 
     @property
     def root(self) -> zarr.Group:
         if self._root is None:
-            store = self.location.zarr_store(read_only=self.read_only)
-            mode = "r" if self.read_only else "a"
-            self._root = zarr.open_group(store=store, mode=mode, zarr_format=3)
-            if not self.read_only and "ddpmseg" not in self._root.attrs:
-                self._root.attrs["ddpmseg"] = {"layout": 1}
+            def open_root() -> zarr.Group:
+                store = self.location.zarr_store(read_only=self.read_only)
+                mode = "r" if self.read_only else "a"
+                root = zarr.open_group(store=store, mode=mode, zarr_format=3)
+                if not self.read_only and "ddpmseg" not in root.attrs:
+                    root.attrs["ddpmseg"] = {"layout": 1}
+                return root
+
+            self._root = with_retries(open_root, f"open the store {self.location.url}")
         return self._root
 
     # -- generic write-once arrays ----------------------------------------------------------------------------
@@ -89,7 +96,14 @@ class FeatureStore:
             return self.root[path]
 
     def _write_array(self, path: str, data: np.ndarray, dims: tuple[str, ...], attrs: dict[str, Any]) -> None:
-        """Create (or reuse) an array, write all its data, then mark it committed (last)."""
+        """Create (or reuse) an array, write all its data, then mark it committed (last).
+
+        A dropped connection is retried a bounded number of times, then is a StoreAccessError; in every case
+        the array is committed only after its data is complete."""
+        self.location.check_writable(self.location.path(path))
+        with_retries(lambda: self._write_array_once(path, data, dims, attrs), f"write {self.location.path(path)}")
+
+    def _write_array_once(self, path: str, data: np.ndarray, dims: tuple[str, ...], attrs: dict[str, Any]) -> None:
         parent, name = path.rsplit("/", 1)
         group = self._group(parent)
         fill = np.nan if np.issubdtype(data.dtype, np.floating) else 0
@@ -115,6 +129,10 @@ class FeatureStore:
             arr = self.root[path]
         except (KeyError, FileNotFoundError):
             return None
+        except Exception as err:  # noqa: BLE001
+            if is_transient(err):
+                raise StoreAccessError(f"cannot read {self.location.path(path)}: {err}") from err
+            raise
         if not isinstance(arr, zarr.Array) or not arr.attrs.get("committed"):
             return None
         return arr
@@ -123,6 +141,8 @@ class FeatureStore:
         try:
             data = arr[...]
         except Exception as err:  # noqa: BLE001 - zarr raises a plain RuntimeError on checksum mismatch
+            if is_transient(err):
+                raise StoreAccessError(f"{what}: cannot read from {self.location.url}: {err}") from err
             raise CorruptChunkError(f"{what}: chunk cannot be read ({err}); run `ddpmseg store verify "
                                     f"{self.location.url}` to find and repair corrupted units") from err
         if np.issubdtype(data.dtype, np.floating):
@@ -174,6 +194,10 @@ class FeatureStore:
             group = self.root[f"{unit.path}/{image_id}"]
         except (KeyError, FileNotFoundError):
             return set()
+        except Exception as err:  # noqa: BLE001
+            if is_transient(err):
+                raise StoreAccessError(f"cannot read {self.location.path(unit.path)}: {err}") from err
+            raise
         return {int(name[1:]) for name, arr in group.arrays() if arr.attrs.get("committed")}
 
     def write_features(self, unit: UnitSpec, image_id: str, maps: dict[int, np.ndarray]) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,9 +22,54 @@ class StoreAccessError(RuntimeError):
     """A store URL that cannot be opened, or an object that cannot be read or written."""
 
 
+#: attempts of one object/array write before a dropped connection becomes an error (each attempt itself
+#: retried by botocore); nothing is committed by a failed write (commit markers come last).
+WRITE_ATTEMPTS = int(os.environ.get("DDPMSEG_WRITE_ATTEMPTS", "3"))
+
+
+def is_transient(err: BaseException) -> bool:
+    """A connection-level failure worth retrying (not a permission or a programming error)."""
+    try:
+        import botocore.exceptions as bce
+        if isinstance(err, bce.ClientError):
+            return False
+        if isinstance(err, bce.BotoCoreError):
+            return True
+    except ImportError:  # pragma: no cover - s3fs brings botocore
+        pass
+    return isinstance(err, (ConnectionError, TimeoutError)) or type(err).__name__ in (
+        "ClientConnectorError", "ServerDisconnectedError", "ClientOSError")
+
+
+def describe_error(err: BaseException) -> str:
+    text = str(err)
+    if "AccessDenied" in text or "Forbidden" in text or isinstance(err, PermissionError):
+        return f"no permission ({text}); writing needs credentials with write access"
+    return text
+
+
+def with_retries(action, what: str, attempts: int | None = None):
+    """Run `action()`; retry transient connection failures a bounded number of times, then raise
+    StoreAccessError naming `what`."""
+    attempts = attempts or WRITE_ATTEMPTS
+    for attempt in range(1, attempts + 1):
+        try:
+            return action()
+        except StoreAccessError:
+            raise
+        except Exception as err:  # noqa: BLE001 - fsspec/s3fs/zarr raise many kinds
+            if attempt < attempts and is_transient(err):
+                time.sleep(0.5 * attempt)
+                continue
+            tried = f" after {attempt} attempts" if attempt > 1 else ""
+            raise StoreAccessError(f"cannot {what}{tried}: {describe_error(err)}. Nothing partial was committed; "
+                                   f"re-run to resume") from err
+
+
 def s3_options_from_env() -> dict[str, Any]:
     """fsspec/s3fs options for the endpoint named in the environment (credentials stay with botocore)."""
-    opts: dict[str, Any] = {}
+    opts: dict[str, Any] = {"use_listings_cache": False,  # other writers change the store under us
+                            "config_kwargs": {"connect_timeout": 5, "retries": {"max_attempts": 2}}}
     endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("DDPMSEG_S3_ENDPOINT")
     if endpoint:
         opts["client_kwargs"] = {"endpoint_url": endpoint}
@@ -39,9 +85,11 @@ class StoreLocation:
 
     url: str
     storage_options: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    read_only: bool = field(default=False, compare=False)
 
     @classmethod
-    def parse(cls, url: str | Path, storage_options: dict[str, Any] | None = None) -> "StoreLocation":
+    def parse(cls, url: str | Path, storage_options: dict[str, Any] | None = None,
+              read_only: bool = False) -> "StoreLocation":
         text = str(url).strip()
         if not text:
             raise StoreAccessError("store URL is empty: expected a local path or s3://bucket/prefix")
@@ -49,10 +97,10 @@ class StoreLocation:
             if not text[len("s3://"):].strip("/"):
                 raise StoreAccessError(f"store URL {text!r}: no bucket; expected s3://bucket/prefix")
             opts = {**s3_options_from_env(), **(storage_options or {})}
-            return cls(text.rstrip("/"), opts)
+            return cls(text.rstrip("/"), opts, read_only)
         if "://" in text and not text.startswith("file://"):
             raise StoreAccessError(f"store URL {text!r}: expected a local path or s3://bucket/prefix")
-        return cls(str(Path(text.removeprefix("file://")).expanduser().resolve()))
+        return cls(str(Path(text.removeprefix("file://")).expanduser().resolve()), read_only=read_only)
 
     @property
     def is_remote(self) -> bool:
@@ -75,13 +123,17 @@ class StoreLocation:
         return zarr.storage.LocalStore(self.url, read_only=read_only)
 
     # Plain objects (stage records, model members, metrics) beside the zarr hierarchy -------------------------
+    def check_writable(self, what: str) -> None:
+        if self.read_only:
+            raise StoreAccessError(f"{what}: the store {self.url} is opened read-only, and this run needs to write "
+                                   f"it (a stage is missing from the store); run without --read-only with write "
+                                   f"credentials, or ask a teammate who can write to run this config once")
+
     def write_bytes(self, key: str, data: bytes) -> None:
         """Write one object atomically: a reader sees the old object, nothing, or the whole new one."""
+        self.check_writable(self.path(key))
         if self.is_remote:
-            try:
-                self.fs.pipe_file(self.path(key), data)  # one PUT: atomic on S3
-            except Exception as err:  # noqa: BLE001 - s3fs raises many kinds
-                raise StoreAccessError(f"cannot write {self.path(key)}: {err}") from err
+            with_retries(lambda: self.fs.pipe_file(self.path(key), data), f"write {self.path(key)}")  # one PUT
             return
         target = Path(self.path(key))
         target.parent.mkdir(parents=True, exist_ok=True)
