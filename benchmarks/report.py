@@ -44,7 +44,7 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [
         "# Benchmarks: ddpmseg vs the official in-memory path",
         "",
-        f"Command: `{results['command']}` ({'quick' if results['quick'] else 'full'} mode, "
+        f"Command: `{results['command']}` ({results['plan']} mode, "
         f"{results['wall_s'] / 60:.1f} min wall time).",
         "",
         f"Machine: {m['nproc']} CPUs ({m['cpu_model']}), {m['ram_gb']} GB RAM, torch {m['torch']} "

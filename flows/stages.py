@@ -6,8 +6,10 @@ them directly. Arrays never cross a stage boundary: stages exchange image ids an
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -250,6 +252,13 @@ def extract_split(cfg: ExperimentConfig, store: FeatureStore, refs: list[ImageRe
     if not jobs:
         return counts
     device = bb.resolve_device(cfg.features.device)
+    with torch_threads(cfg.features.cpu_threads or os.cpu_count() or 1):
+        _extract_jobs(cfg, store, jobs, device, counts, progress, desc)
+    return counts
+
+
+def _extract_jobs(cfg: ExperimentConfig, store: FeatureStore, jobs: list[ForwardJob], device: torch.device,
+                  counts: dict[str, int], progress: bool, desc: str) -> None:
     model, diffusion = _load_backbone(cfg, device)
     provenance = {"backbone": backbone_fingerprint(cfg), "features": feature_spec(cfg)}
     for job in tqdm(jobs, desc=desc, unit="fwd", disable=not progress):
@@ -264,7 +273,6 @@ def extract_split(cfg: ExperimentConfig, store: FeatureStore, refs: list[ImageRe
         for j, image_id in enumerate(ids):
             store.write_features(unit, image_id, {b: acts[b][j].numpy() for b in job.blocks})
             counts["images_written"] += 1
-    return counts
 
 
 _BACKBONE_CACHE: dict[tuple[str, str], tuple[Any, Any]] = {}
@@ -312,6 +320,18 @@ def feature_dim(cfg: ExperimentConfig, store: FeatureStore, image_id: str, view:
     return sum(int(a.shape[0]) for u in units for a in store.feature_arrays(u, image_id, cfg.sorted_blocks))
 
 
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run torch CPU ops on exactly `n` threads. CPU float results depend on the thread count (reduction order),
+    so fixing it makes a Dask worker (which limits its threads) compute the same bits as a local run."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def member_seed(cfg: ExperimentConfig, index: int) -> int:
     """Each member's seed derives from (classifier.seed, index) so members can train independently, in parallel."""
     return int(digest(["member", cfg.classifier.seed, index])[:8], 16)
@@ -346,8 +366,9 @@ def train_member(cfg: ExperimentConfig, store: FeatureStore, refs: list[ImageRef
                                        epoch, seed, images_per_buffer=c.images_per_buffer)
         return batches if per_epoch is None else itertools.islice(batches, per_epoch)
 
-    model, info = clf.train_member(settings, epoch_batches, seed=seed, progress=progress,
-                                   desc=f"member {index + 1}/{c.model_num}")
+    with torch_threads(1):  # identical numerics wherever a member trains; small MLPs are fastest on one thread
+        model, info = clf.train_member(settings, epoch_batches, seed=seed, progress=progress,
+                                       desc=f"member {index + 1}/{c.model_num}")
     meta = {"number_class": d.number_class, "dim": dim, "dropout": c.dropout, "seed": seed, "index": index,
             "train_key": key.value, **{k: v for k, v in info.items() if isinstance(v, (int, float, bool, str))}}
     artifacts.write_member(loc, members_key(key), index, model.state_dict(), meta)

@@ -149,6 +149,7 @@ class FeaturesConfig(_Strict):
     noise_generator: Literal["cpu", "cuda"] = "cpu"
     batch_size: int = Field(4, ge=1)
     device: str = "auto"
+    cpu_threads: int | None = Field(None, ge=1)  # torch threads for CPU extraction (default: all cores)
 
 
 class ClassifierConfig(_Strict):
