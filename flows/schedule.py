@@ -23,14 +23,17 @@ def deployment_name(config_path: str | Path, prefix: str = "ddpmseg") -> str:
 
 def build_deployments(configs: list[str], cron: str, store: str | None = None, name_prefix: str = "ddpmseg"):
     """One RunnerDeployment per config (validated now, so a broken config fails before serving)."""
-    from flows.segment import segment
+    from flows.segment import segment_on
 
+    dask_address = os.environ.get("DDPMSEG_DASK_ADDRESS") or None  # scheduled runs use the team's cluster
+    flow = segment_on(dask_address)
     deployments = []
     for c in configs:
         load_config(c)
-        deployments.append(segment.to_deployment(
+        deployments.append(flow.to_deployment(
             name=deployment_name(c, name_prefix), cron=cron,
-            parameters={"config_path": str(Path(c).resolve()), "store_url": store, "progress": False}))
+            parameters={"config_path": str(Path(c).resolve()), "store_url": store, "progress": False,
+                        "parallel": bool(dask_address)}))
     return deployments
 
 
