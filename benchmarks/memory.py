@@ -119,7 +119,7 @@ def run_memory(manifest_root: Path, geometry_dim: int, step_dim: int, size: int,
                 skipped.append({"n": n, "dim": dim, "reason": why})
                 continue
             log(f"memory: official, N={n}, D={dim}")
-            steps_arg = str(n_steps if n_steps is not None else 1000)
+            steps_arg = str(n_steps if n_steps is not None else geometry_dim // step_dim)
             official.append(runner("benchmarks.memory", ["official", str(manifest_root), str(n), steps_arg]))
     return summarise(ours, official, skipped, geometry_dim, step_dim, size)
 

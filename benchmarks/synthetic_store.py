@@ -5,7 +5,7 @@ names the stages use (flows.stages.unit_for), so flows.stages.train_member reads
 extracted store. A manifest (JSON beside the store) holds the experiment config and the image refs, so a child
 process can rebuild both.
 
-Labels: random blobs of `number_class` classes; only `labelled_pixels` random pixels per image keep their class,
+Labels: random blobs of `number_class` classes; only a given number of random pixels per image keep their class,
 the others carry the ignore label (this bounds training time; both the streaming and the official path train on
 exactly these labels). The small-annotation rule (< 20 pixels -> ignore) is applied when writing, as
 pipeline.datasets does for training labels.
@@ -88,15 +88,17 @@ class SyntheticStore:
         return FeatureStore(str(self.store_dir))
 
 
-def write_synthetic_store(root: Path, geometry: Geometry, n_images: int, labelled_pixels: int,
-                          number_class: int = 20, seed: int = 0) -> SyntheticStore:
-    """Write `n_images` images (random input, blob labels, random N(0, 1) block maps of the geometry's native
-    shapes at every step) under root/store; returns the store and writes root/benchmark-manifest.json."""
+def write_synthetic_store(root: Path, geometry: Geometry, labelled_pixels: list[int], number_class: int = 20,
+                          seed: int = 0) -> SyntheticStore:
+    """Write one image per entry of `labelled_pixels` (random input; blob label keeping that many labelled
+    pixels; random N(0, 1) block maps of the geometry's native shapes at every step) under root/store, in
+    that order; returns the store and writes root/benchmark-manifest.json."""
     import time
 
     start = time.perf_counter()
     root = Path(root)
     store_dir = root / "store"
+    n_images = len(labelled_pixels)
     config = experiment_dict(geometry, n_images, number_class, store_dir)
     cfg = ExperimentConfig.model_validate(config)
     store = FeatureStore(str(store_dir))
@@ -109,7 +111,7 @@ def write_synthetic_store(root: Path, geometry: Geometry, n_images: int, labelle
         rng = np.random.default_rng([seed, i])
         image = torch.from_numpy(rng.uniform(-1, 1, size=(3, size, size)).astype(np.float32))
         image_id = stages.image_id_of(image)
-        label = blob_label(rng, size, number_class, labelled_pixels)
+        label = blob_label(rng, size, number_class, labelled_pixels[i])
         label_hash = array_digest(label)[:20]
         store.write_view(stages.BASE_VIEW, image_id, image.numpy(), label, label_hash, {"image_size": size})
         for t, unit in units.items():

@@ -48,6 +48,8 @@ class ImageRef:
 
 # -- fingerprints --------------------------------------------------------------------------------------------------
 def backbone_fingerprint(cfg: ExperimentConfig) -> dict[str, Any]:
+    if cfg.model.kind == "rgb":
+        return {"kind": "rgb", "image_size": cfg.image_size}
     flags = cfg.model.full_flags()
     if cfg.model.checkpoint is None:
         weights = {"random_init_seed": cfg.model.init_seed, "zero_convs_redrawn": True}
@@ -60,7 +62,10 @@ def backbone_fingerprint(cfg: ExperimentConfig) -> dict[str, Any]:
 
 
 def backbone_tag(cfg: ExperimentConfig) -> str:
-    name = Path(cfg.model.checkpoint).stem if cfg.model.checkpoint else f"random{cfg.model.init_seed}"
+    if cfg.model.kind == "rgb":
+        name = "rgb"
+    else:
+        name = Path(cfg.model.checkpoint).stem if cfg.model.checkpoint else f"random{cfg.model.init_seed}"
     return f"{name}-{digest(backbone_fingerprint(cfg))[:12]}"
 
 
@@ -259,20 +264,31 @@ def extract_split(cfg: ExperimentConfig, store: FeatureStore, refs: list[ImageRe
 
 def _extract_jobs(cfg: ExperimentConfig, store: FeatureStore, jobs: list[ForwardJob], device: torch.device,
                   counts: dict[str, int], progress: bool, desc: str) -> None:
-    model, diffusion = _load_backbone(cfg, device)
+    model, diffusion = _load_backbone(cfg, device) if cfg.model.kind == "ddpm" else (None, None)
     provenance = {"backbone": backbone_fingerprint(cfg), "features": feature_spec(cfg)}
     for job in tqdm(jobs, desc=desc, unit="fwd", disable=not progress):
         unit = unit_for(cfg, job.t, job.view)
         store.ensure_unit(unit, {**provenance, "t": job.t, "view": job.view})
         ids = list(job.image_ids)
         x0 = torch.stack([torch.from_numpy(store.read_view_input(job.view, i)) for i in ids]).to(device)
-        noise = _noise_for(cfg, ids, job.t, device)
-        acts = bb.extract_blocks(model, diffusion, x0, job.t, noise, list(job.blocks),
-                                 cfg.features.input_activations)
-        counts["unet_forwards"] += 1
+        if cfg.model.kind == "rgb":
+            acts = {0: rgb_features(x0.cpu())}
+        else:
+            noise = _noise_for(cfg, ids, job.t, device)
+            acts = bb.extract_blocks(model, diffusion, x0, job.t, noise, list(job.blocks),
+                                     cfg.features.input_activations)
+            counts["unet_forwards"] += 1
         for j, image_id in enumerate(ids):
             store.write_features(unit, image_id, {b: acts[b][j].numpy() for b in job.blocks})
             counts["images_written"] += 1
+
+
+def rgb_features(x0: torch.Tensor) -> torch.Tensor:
+    """The rgb baseline's map: (B, 3, H, W) images in [-1, 1] -> (B, 5, H, W): r, g, b, y, x (coordinates in [-1, 1])."""
+    b, _, h, w = x0.shape
+    ys = torch.linspace(-1, 1, h).view(1, 1, h, 1).expand(b, 1, h, w)
+    xs = torch.linspace(-1, 1, w).view(1, 1, 1, w).expand(b, 1, h, w)
+    return torch.cat([x0.float(), ys, xs], dim=1)
 
 
 _BACKBONE_CACHE: dict[tuple[str, str], tuple[Any, Any]] = {}

@@ -114,6 +114,9 @@ class DatasetConfig(_Strict):
 
 
 class ModelConfig(_Strict):
+    #: ddpm: a guided-diffusion UNet (checkpoint, or random_init for the `random-unet` baseline);
+    #: rgb: the `rgb` baseline, each pixel's colour and (y, x) coordinates (what a pixel MLP sees without a backbone)
+    kind: Literal["ddpm", "rgb"] = "ddpm"
     checkpoint: str | None = None
     random_init: bool = False
     init_seed: int = 0
@@ -129,6 +132,10 @@ class ModelConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "ModelConfig":
+        if self.kind == "rgb":
+            if self.checkpoint is not None or self.random_init:
+                raise ValueError("kind rgb uses no UNet: give neither checkpoint nor random_init")
+            return self
         if self.checkpoint is None and not self.random_init:
             raise ValueError("checkpoint is required (or set random_init: true for a randomly initialised UNet)")
         if self.checkpoint is not None and self.random_init:
@@ -239,13 +246,24 @@ class ExperimentConfig(_Strict):
 
     @model_validator(mode="before")
     @classmethod
+    def _rgb_has_one_map(cls, data: Any) -> Any:
+        """The rgb baseline has a single 'block' 0 (r, g, b, y, x) independent of the timestep: steps [0], blocks [0]."""
+        if isinstance(data, dict) and isinstance(data.get("model"), dict) and data["model"].get("kind") == "rgb":
+            features = data.get("features") or {}
+            if isinstance(features, dict):
+                data = {**data, "features": {**features, "steps": [0], "blocks": [0]}}
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
     def _default_checkpoint(cls, data: Any) -> Any:
         if isinstance(data, dict) and isinstance(data.get("dataset"), dict):
             preset = data["dataset"].get("preset")
             if data.get("model") is not None and not isinstance(data["model"], dict):
                 return data  # a wrong type: reported by the field's own validation
             model = dict(data.get("model") or {})
-            if isinstance(preset, str) and preset in DATASET_PRESETS and "checkpoint" not in model and not model.get("random_init"):
+            if (isinstance(preset, str) and preset in DATASET_PRESETS and "checkpoint" not in model
+                    and not model.get("random_init") and model.get("kind", "ddpm") == "ddpm"):
                 model["checkpoint"] = f"checkpoints/ddpm/{DATASET_PRESETS[preset]['checkpoint']}"
             data = {**data, "model": model}
         return data

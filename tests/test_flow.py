@@ -79,3 +79,23 @@ def test_bad_config_is_a_clear_cli_error(tmp_path, capsys):
     assert main(["run", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "bad.yaml" in err and "classifier.lr" in err
+
+
+def test_rgb_baseline_runs_through_the_same_store(tiny_experiment, prefect_server, capsys):
+    import yaml
+
+    config_path = tiny_experiment()
+    data = yaml.safe_load(config_path.read_text())
+    data["model"] = {"kind": "rgb", "flags": data["model"]["flags"]}
+    config_path.write_text(yaml.safe_dump(data, sort_keys=False))
+    assert main(["run", str(config_path), "--json", "--quiet"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["unet_forwards"] == 0 and summary["members_trained"] == 2
+    root = zarr.open_group(summary["store"], mode="r")
+    units = [k for k in root["features"].group_keys()]
+    assert len(units) == 1 and units[0].startswith("rgb-")
+    unit = root[f"features/{units[0]}/base"]
+    (name,) = list(unit.group_keys())
+    assert name.startswith("t0000-")
+    image = next(iter(unit[name].group_keys()))
+    assert unit[f"{name}/{image}/b00"].shape == (1, 5, 32, 32)
