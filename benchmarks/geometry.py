@@ -69,7 +69,7 @@ class Geometry:
         return self.image_size ** 2 * self.step_dim * 4
 
     def with_steps(self, steps: tuple[int, ...]) -> "Geometry":
-        return Geometry(f"{self.name}, steps {list(steps)}", self.flags, self.blocks, tuple(steps))
+        return Geometry(self.name, self.flags, self.blocks, tuple(steps))
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "image_size": self.image_size, "blocks": list(self.blocks),

@@ -91,7 +91,7 @@ def markdown(results: dict[str, Any]) -> str:
                  f"{_fmt(np_.get('prefect_empty_flow_process_s'))} s: a process running one empty Prefect flow | "
                  f"{_fmt(results.get('noop_rerun_s'))} s | {g['noop_rerun_s']['goal']} | "
                  f"{_mark(g['noop_rerun_s']['pass'])} |")
-    lines += ["", *_memory_section(mem, results), *_store_section(d), *_extraction_section(ex),
+    lines += ["", *_memory_section(mem, results), *_store_section(d), *_extraction_section(ex, d.get("extraction_real_unet")),
               *_throughput_section(tp), *_noop_section(np_), *_notes(results)]
     return "\n".join(lines) + "\n"
 
@@ -152,23 +152,33 @@ def _store_section(d: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
-def _extraction_section(ex: dict[str, Any]) -> list[str]:
+def _extraction_section(ex: dict[str, Any], real: dict[str, Any] | None = None) -> list[str]:
     if not ex:
         return []
     geo = ex["geometry"]
+    real_lines = [] if not real else [
+        f"Real UNet ({real['geometry']['name']}, random init, {real['images']} image x "
+        f"{len(real['geometry']['steps'])} step, {real['device']}): ours {_fmt(min(real['ours_s']))} s, bare "
+        f"{_fmt(min(real['bare_s']))} s, writes alone {_fmt(min(real['writes_only_s']))} s: "
+        f"**{_fmt(real['extraction_overhead_ratio'])}x** (writes added serially predict "
+        f"{_fmt(real['serial_writes_ratio'])}x).", ""]
     return ["## 3. Extraction overhead", "",
             f"{geo['name']}, blocks {geo['blocks']}, steps {geo['steps']}, {ex['images']} images, batch "
-            f"{ex['batch_size']}, {ex['forwards']} forwards on {ex['device']}; times per repetition (the ratio uses "
-            f"the minimum of each).", "",
+            f"{ex['batch_size']}, {ex['forwards']} forwards on {ex['device']} ({ex.get('torch_threads')} torch "
+            f"threads, as extract_split); times per repetition (the ratio uses the minimum of each).", "",
             "| | seconds |", "|---|---|",
             f"| ours: flows.stages.extract_split | {', '.join(_fmt(s) for s in ex['ours_s'])} |",
             f"| bare: backbone build + extract_blocks, nothing written | {', '.join(_fmt(s) for s in ex['bare_s'])} |",
-            f"| of which backbone build | {', '.join(_fmt(s) for s in ex['build_s'])} |",
+            f"| of which backbone build (the stage caches it per process; built in the warm-up) | "
+            f"{', '.join(_fmt(s) for s in ex['build_s'])} |",
             f"| the writes alone (FeatureStore.write_features of the same activations) | "
             f"{', '.join(_fmt(s) for s in ex['writes_only_s'])} |",
-            "", f"Overhead {_fmt(ex['overhead_s'])} s; the writes alone account for "
-            f"{_fmt(ex.get('writes_share_of_overhead'))} of it. Forward: {_fmt(ex['forward_s_per_image_step'])} s per "
-            f"image and step.", ""]
+            "", f"Overhead {_fmt(ex['overhead_s'])} s. Per image and step: a forward "
+            f"{_fmt(ex['forward_s_per_image_step'])} s, "
+            f"its writes {_fmt(ex['write_s_per_image_step'])} s; writes added serially to the forwards predict "
+            f"{_fmt(ex['serial_writes_ratio'])}x. The forward time varies several-fold with the load of a shared "
+            f"machine (two torch threads on two cores), the write time much less: the ratio moves with it.", "",
+            *real_lines]
 
 
 def _throughput_section(tp: dict[str, Any]) -> list[str]:
@@ -177,7 +187,8 @@ def _throughput_section(tp: dict[str, Any]) -> list[str]:
     b = tp["breakdown_s"]
     return ["## 4. Training throughput (one member, one epoch)", "",
             f"{tp['images']} images, {tp['labelled_pixels']} labelled pixels, D = {tp['dim']}, "
-            f"{tp['iterations']} iterations of batch 64.", "",
+            f"{tp['iterations']} iterations of batch 64, {tp.get('torch_threads')} torch thread(s) for every path "
+            f"(the stage trains on one).", "",
             "| loader | seconds | labelled px/s |", "|---|---|---|",
             f"| streaming from the store (flows.stages.train_member) | {_fmt(tp['streaming_s'])} | "
             f"{_fmt(tp['streaming_px_per_s'])} |",
@@ -185,10 +196,11 @@ def _throughput_section(tp: dict[str, Any]) -> list[str]:
             f"{_fmt(tp['in_memory_px_per_s'])} |",
             f"| in memory, official DataLoader(FeatureDataset) | {_fmt(tp['official_loader_s'])} | "
             f"{_fmt(tp['official_loader_px_per_s'])} |",
-            "", f"Where the streaming time goes (timed separately on the same data): read_maps {_fmt(b['read_maps'])} s, "
-            f"sample_pixel_features {_fmt(b['sample_pixel_features'])} s "
-            f"({_fmt(tp['sample_pixel_features_us_per_px'])} µs per pixel), MLP steps {_fmt(b['mlp_steps_in_memory'])} s "
-            f"({_fmt(tp['mlp_us_per_px'])} µs per pixel), rest {_fmt(b['other'])} s.",
+            "", f"Where the streaming time goes (the stage's own calls, timed inside the streaming run): read_maps "
+            f"{_fmt(b['read_maps'])} s, sample_pixel_features {_fmt(b['sample_pixel_features'])} s "
+            f"({_fmt(tp['sample_pixel_features_us_per_px'])} µs per trained pixel), the rest (MLP steps, shuffle, "
+            f"batches) {_fmt(b['rest'])} s ({_fmt(tp['streaming_rest_us_per_px'])} µs per pixel; in memory the "
+            f"whole step costs {_fmt(tp['mlp_us_per_px'])} µs per pixel).",
             "", f"Ratio vs the official DataLoader: {_fmt(tp['streaming_throughput_ratio_vs_official_loader'])}x. "
             f"Projected for fully labelled images (read_maps amortised over {tp.get('dense_pixels_per_image', 'all')} "
             f"pixels per image; a projection from the measured costs, not a measurement): "
@@ -218,4 +230,10 @@ def _noop_section(nop: dict[str, Any]) -> list[str]:
 
 def _notes(results: dict[str, Any]) -> list[str]:
     notes = results.get("notes") or []
-    return (["## Notes", "", *[f"- {n}" for n in notes], ""] if notes else [])
+    lines = ["## Notes", "", *[f"- {n}" for n in notes], ""] if notes else []
+    errors = results.get("errors") or {}
+    if errors:
+        lines += ["## Errors (these figures were not measured)", "",
+                  *[f"- {name}: `{message.splitlines()[-1][:500] if message else ''}`" for name, message in errors.items()],
+                  ""]
+    return lines

@@ -14,9 +14,10 @@ sweep: one classifier per (decoder block, timestep), as in the paper's analysis.
 
 Determinism: `stages.train_member` seeds torch's global RNG (torch.manual_seed) and draws the init (and any dropout
 masks) from it, so two trainings in threads of one process would race on that RNG. Members therefore run either in
-a process pool (`workers > 1`: Prefect's ProcessPoolTaskRunner, one RNG per process, torch threads split between
-the workers) or, in a thread runner, one at a time under a process-wide lock. Either way each member's weights
-depend only on its seed, so results do not depend on `workers` (tested).
+a process pool (`workers > 1`: Prefect's ProcessPoolTaskRunner, one RNG per process) or, in a thread runner, one at
+a time under a process-wide lock. Training runs on one torch thread (stages.train_member) and so does a cell's
+evaluation here, so no float result depends on the thread count either: members and scores are the same bits
+whatever `workers` is (tested between workers=1 and workers=2).
 
 clusters: MiniBatchKMeans (k, seed) on each (block, step)'s native-resolution features of the first N images of a
 split, upsampled to the image; one grid PNG (+ .npz of the maps) per image; one task per image.
@@ -106,11 +107,11 @@ def evaluate_cell(cfg_bt: ExperimentConfig, store: FeatureStore, test_refs: Sequ
     unit = stages.unit_for(cfg_bt, step)
     d = cfg_bt.dataset
     masks, gts = [], []
-    for r in test_refs:
-        maps = [torch.from_numpy(m) for m in store.read_maps([unit], r.image_id, [block])]
-        prediction = stages.predict_maps(members, maps, cfg_bt.image_size)
-        masks.append(prediction.mask if hasattr(prediction, "mask") else prediction[0])  # Prediction or a tuple
-        gts.append(store.read_view_label(stages.BASE_VIEW, r.image_id, r.label_hash))
+    with stages.torch_threads(1):  # the same bits in any worker; cells run in parallel instead
+        for r in test_refs:
+            maps = [torch.from_numpy(m) for m in store.read_maps([unit], r.image_id, [block])]
+            masks.append(stages.predict_maps(members, maps, cfg_bt.image_size).mask)
+            gts.append(store.read_view_label(stages.BASE_VIEW, r.image_id, r.label_hash))
     s = metrics.score(masks, gts, d.number_class, d.ignore_label).to_dict()
     return {"block": block, "step": step, "miou": 100 * s["official_miou"],
             "miou_standard": None if s["standard_miou"] is None else 100 * s["standard_miou"],
@@ -184,19 +185,12 @@ def evaluate_cell_task(config: dict[str, Any], store_url: str, refs: list[dict[s
     return {"ran": True, "result": result}
 
 
-def _init_worker(torch_threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(torch_threads)
-
-
 def task_runner(workers: int):
-    """workers <= 1: one thread (tasks one at a time); workers > 1: a process pool of `workers` processes, torch
-    threads split between them (each process has its own global RNG, so trainings cannot race)."""
+    """workers <= 1: one thread (tasks one at a time); workers > 1: a process pool of `workers` processes (each
+    process has its own global RNG, so trainings cannot race)."""
     if workers <= 1:
         return ThreadPoolTaskRunner(max_workers=1)
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    return ProcessPoolTaskRunner(max_workers=workers, initializer=_init_worker, initargs=(threads,))
+    return ProcessPoolTaskRunner(max_workers=workers)
 
 
 def default_workers() -> int:

@@ -48,7 +48,7 @@ from pipeline.backbone import (
     count_parameters,
     resolve_device,
 )
-from pipeline.datasets import IMAGE_EXTENSIONS, DatasetError, load_image
+from pipeline.datasets import IMAGE_EXTENSIONS, load_image
 
 __all__ = [
     "DEMO_MODEL_FLAGS",
@@ -63,8 +63,9 @@ __all__ = [
     "train_backbone",
 ]
 
-# The shipped demo backbone (pipeline/assets/demo_backbone.pt): TINY_MODEL_FLAGS's 3-level 32x32 UNet, wider.
-DEMO_MODEL_FLAGS: dict = {**TINY_MODEL_FLAGS, "num_channels": 48}
+# The flags of the shipped demo backbone (pipeline/assets/demo_backbone.pt, its flags in demo_backbone.json):
+# TINY_MODEL_FLAGS's 3-level 32x32 UNet, 1.19 M parameters (4.8 MB as a float32 state dict).
+DEMO_MODEL_FLAGS: dict = dict(TINY_MODEL_FLAGS)
 
 #: Named flag sets accepted wherever a flags file is expected (``--flags tiny``).
 FLAG_PRESETS: dict[str, dict] = {"tiny": dict(TINY_MODEL_FLAGS), "demo": dict(DEMO_MODEL_FLAGS)}
@@ -300,12 +301,12 @@ def train_backbone(
                             f"choose --batch-size <= {n_images}")
     digest = _images_digest(images)
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(settings.seed)  # the initial weights follow the seed too
-        model, diffusion = build_backbone(completed, device=target)
     if completed["use_fp16"] and target.type == "cuda":
         raise TrainingError("use_fp16 training is not supported (no loss scaling here); set use_fp16 false in the "
                             "flags to train (extraction may still convert the trained weights to float16)")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(settings.seed)  # the initial weights follow the seed too
+        model, diffusion = build_backbone(completed, device=target)
     model.train()
     ema = copy.deepcopy(model).eval().requires_grad_(False) if settings.ema_rate > 0 else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
@@ -333,7 +334,6 @@ def train_backbone(
 
     started = time.perf_counter()
     image_size = images.shape[-1]
-    step = start_step
 
     def elapsed() -> float:
         return elapsed_before + time.perf_counter() - started

@@ -43,6 +43,8 @@ _FILE_NAME = re.compile(r"^\d{5}\.(png|npy)$")
 
 _MIN_OBJECT_BACKGROUND_DISTANCE = 110.0  # RGB L2 distance so that an object stands out from the background
 _MIN_OBJECT_OBJECT_DISTANCE = 70.0  # and from objects drawn before it (their overlap stays visible)
+OBJECT_RADIUS = (1 / 8, 1 / 4)  # an object's radius is uniform in this range times the image size
+MAX_OBJECTS = 3  # objects per image: uniform in 1..MAX_OBJECTS
 
 
 def border_width(size: int) -> float:
@@ -119,9 +121,9 @@ def render_sample(rng: np.random.Generator, size: int = 32) -> tuple[np.ndarray,
     label = np.full((size, size), BACKGROUND, dtype=np.uint8)
     band = border_width(size)
     object_colours: list[np.ndarray] = []
-    for _ in range(int(rng.integers(1, 4))):
+    for _ in range(int(rng.integers(1, MAX_OBJECTS + 1))):
         shape_class = int(rng.choice(SHAPE_CLASSES))
-        radius = rng.uniform(size / 8, size / 4)
+        radius = rng.uniform(OBJECT_RADIUS[0] * size, OBJECT_RADIUS[1] * size)
         cy, cx = rng.uniform(radius, size - radius, size=2)
         angle = rng.uniform(0, 2 * np.pi)
         depth = _depth_inside(shape_class, y, x, cy, cx, radius, angle)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -190,12 +191,15 @@ def run_pipeline(args) -> list[dict]:
             cfg["output_dir"] = str((work / f"runs/{name}-seed{seed}").resolve())
             path = work / f"{name}-seed{seed}.yaml"
             path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-            done = subprocess.run(["ddpmseg", "run", str(path), "--json", "--quiet"], capture_output=True, text=True)
+            env = {**os.environ, "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "300",
+                   "PREFECT_HOME": str((work / "prefect-home").resolve())}
+            done = subprocess.run(["ddpmseg", "run", str(path), "--json", "--quiet"], capture_output=True, text=True,
+                                  env=env)
             if done.returncode != 0:
                 sys.exit(f"ddpmseg run {path} failed:\n{done.stderr[-3000:]}")
             summary = json.loads(done.stdout.strip().splitlines()[-1])
             result = json.loads(Path(summary["metrics_path"]).read_text())
-            per_class = result.get("scores", {}).get("per_class_official")
+            per_class = (result.get("result", result).get("scores") or {}).get("per_class_official")
             runs.append({"miou": summary["miou"], "per_class": per_class, "pixel_accuracy": summary["pixel_accuracy"]})
             print(f"{name} seed {seed}: mIoU {summary['miou']:.2f}", flush=True)
         mious = [r["miou"] for r in runs]

@@ -151,7 +151,7 @@ def collect_garbage(store: FeatureStore, refs: References, dry_run: bool = False
     doomed += [f"evaluations/{k}" for k in loc.list("evaluations") if k not in refs.evaluate_keys]
     for stage, keep in (("train", refs.train_keys), ("evaluate", refs.evaluate_keys)):
         doomed += [f"stages/{stage}/{n}" for n in loc.list(f"stages/{stage}") if n[:-5] not in keep]
-    sizes = [(d, _du(store, d)) for d in doomed]
+    sizes = [(d, _du(store, d)) for d in sorted(doomed)]  # sorted: listing order is the filesystem's
     if not dry_run:
         for d, _ in sizes:
             loc.delete(d)

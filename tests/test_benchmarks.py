@@ -42,6 +42,7 @@ def toy_run(tmp_path_factory):
 
 def test_json_has_every_key_with_sane_values(toy_run):
     results, _, _ = toy_run
+    assert results["errors"] == {}
     for key in KEYS:
         assert key in results, key
     assert results["noop_rerun_s"] is None  # not run here
@@ -71,6 +72,16 @@ def test_memory_details_cover_both_paths(toy_run):
     assert all(r["labelled_pixels"] > 0 for r in mem["official"])
     assert set(mem["official_extrapolated_mb"]) == {"5", "10", "20", "50"}
     assert mem["official_theory_mb_per_image"] == pytest.approx(2 * 32 * 32 * 320 * 4 / 2**20)
+
+
+def test_throughput_breakdown_times_the_stage_calls(toy_run):
+    results, _, _ = toy_run
+    tp = results["details"]["throughput"]
+    b = tp["breakdown_s"]
+    # the timing wrappers saw the stage's own calls (0 would mean the stage no longer calls them as assumed)
+    assert b["read_maps"] > 0 and b["sample_pixel_features"] > 0
+    assert b["read_maps"] + b["sample_pixel_features"] < tp["streaming_s"]
+    assert tp["iterations"] == tp["labelled_pixels"] // 64 and tp["torch_threads"] == 1
 
 
 def test_markdown_has_command_machine_and_goal_rows(toy_run):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,7 @@ def cli(argv: list[str]) -> int:
     try:
         return args.func(args)
     except _user_errors() as err:
-        print(f"ddpmseg: error: {err}", file=__import__("sys").stderr)
+        print(f"ddpmseg: error: {err}", file=sys.stderr)
         return 2
 
 
@@ -115,6 +116,7 @@ def test_clusters_are_deterministic_for_a_seed(tiny_experiment, prefect_server, 
         sweep.run_clusters(cfg, k=1, progress=False)
 
 
+@pytest.mark.slow  # spawns a process pool: ~50 s on 2 busy cores
 def test_sweep_members_do_not_depend_on_the_runner(tiny_experiment, prefect_server):
     """Dropout draws from torch's global RNG during training: in a process pool (workers=2) and in-process
     (workers=1) every member must come out bit for bit the same."""
