@@ -81,8 +81,8 @@ def cmd_run(args: argparse.Namespace, stages: tuple[str, ...]) -> int:
     return 0
 
 
-def demo_config(out: Path, size: int = 32) -> dict[str, Any]:
-    """The demo experiment: the generated data set, a tiny randomly initialised UNet, the paper's classifier."""
+def tiny_config(out: Path, size: int = 32) -> dict[str, Any]:
+    """A small experiment on the generated data set with a tiny randomly initialised UNet (tests, benchmarks)."""
     from pipeline.backbone import TINY_MODEL_FLAGS
     from pipeline.config import OFFICIAL_FLAGS
     from pipeline import synthetic
@@ -104,20 +104,31 @@ def demo_config(out: Path, size: int = 32) -> dict[str, Any]:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from pipeline import synthetic
+    from flows.demo import format_table, run_demo
 
-    out = Path(args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    synthetic.write_dataset(out / "data", n_train=args.train, n_test=args.test, n_unlabelled=0, size=32, seed=0)
-    cfg = demo_config(out)
-    cfg["dataset"].update(training_number=args.train, testing_number=args.test)
-    cfg["classifier"]["model_num"] = args.members
-    config_path = out / "config.yaml"
-    config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    summary = run_config(config_path, None, progress=not args.quiet)
-    summary["config_path"] = str(config_path)
-    _print_summary(summary, args.json)
+    _prefect_defaults()
+    result = run_demo(args.out, seeds=args.seeds, n_train=args.train, n_test=args.test, members=args.members,
+                      progress=not args.quiet)
+    if args.json:
+        print(json.dumps(result, sort_keys=True))
+        return 0
+    print(format_table(result["features"]))
+    print(f"seeds       {result['seeds']} (classifier seeds; ± = spread over them)")
+    print(f"forwards    {result['unet_forwards']}   members trained {result['members_trained']}   "
+          f"wall {result['wall_s']:.0f} s")
+    print(f"metrics     {result['metrics_path']}")
+    print(f"report      {result['report_path']}")
     return 0
+
+
+def _seed_list(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 0,1,2, got {text!r}") from None
+    if not seeds:
+        raise argparse.ArgumentTypeError("expected at least one seed")
+    return seeds
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -292,13 +303,27 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--name", default="ddpmseg", help="deployment name prefix (default ddpmseg)")
     sp.set_defaults(func=cmd_serve)
 
-    sp = sub.add_parser("demo", help="generate a procedural labelled data set and run the full flow on it")
+    sp = sub.add_parser("demo", help="diffusion features vs rgb and random-unet baselines on a procedural data set",
+                        description="Generate a procedural labelled data set (if absent) and run the full flow "
+                                    "for three feature types on one store: ddpm (the bundled demo backbone), rgb "
+                                    "(colour + coordinates) and random-unet (the same UNet, random weights). "
+                                    "Prints a table, writes DIR/metrics.json and DIR/report.html.")
     sp.add_argument("--out", default="ddpmseg-demo", help="output directory (default ./ddpmseg-demo)")
+    sp.add_argument("--seeds", type=_seed_list, default=[0],
+                    help="classifier seeds, e.g. 0,1,2: features are extracted once, one ensemble per seed "
+                         "(default 0)")
     sp.add_argument("--train", type=int, default=10, help="labelled training images (default 10)")
-    sp.add_argument("--test", type=int, default=20, help="test images (default 20)")
+    sp.add_argument("--test", type=int, default=50, help="test images (default 50)")
     sp.add_argument("--members", type=int, default=10, help="MLP ensemble members (default 10, as the paper)")
-    common(sp, with_config=False)
+    sp.add_argument("--json", action="store_true", help="print one JSON object (the metrics and paths) at the end")
+    sp.add_argument("--quiet", action="store_true", help="no progress bars")
     sp.set_defaults(func=cmd_demo)
+
+    from flows.analysis_cli import add_analysis_commands
+    from flows.backbone_cli import add_backbone_commands
+
+    add_backbone_commands(sub)
+    add_analysis_commands(sub)
 
     sp = sub.add_parser("config", help="import official experiment files, list presets, show a resolved config")
     csub = sp.add_subparsers(dest="config_cmd", required=True)

@@ -499,9 +499,39 @@ def write_outputs(cfg: ExperimentConfig, store: FeatureStore, result: dict[str, 
         if cfg.evaluation.save_png:
             save_palette_png(mask, cfg.dataset.palette, mask_dir / f"{ref['stem']}.png")
     metrics_path = out / "metrics.json"
+    report_path = out / "report" / "report.html"
+    previous = _read_json(metrics_path)
+    if cfg.evaluation.gallery > 0 and (previous.get("evaluate_key") != summary.get("evaluate_key")
+                                  or not report_path.is_file()):
+        write_report(cfg, store, result, masks, out / "report")
     payload = {**summary, "config": config_to_dict(cfg), "result": result}
     metrics_path.write_text(json.dumps(payload, indent=1))
-    return {"metrics_path": str(metrics_path), "masks_path": str(mask_dir)}
+    paths = {"metrics_path": str(metrics_path), "masks_path": str(mask_dir)}
+    if report_path.is_file():
+        paths["report_path"] = str(report_path)
+    return paths
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def write_report(cfg: ExperimentConfig, store: FeatureStore, result: dict[str, Any], masks: np.ndarray,
+                 out: Path) -> dict[str, str]:
+    """The evaluation report under `out`: scores, the worst images (image | ground truth | prediction | error
+    map), IoU per class, mIoU per image ascending (pipeline.report.write_evaluation_report)."""
+    from pipeline import report
+
+    refs = [ImageRef(**r) for r in result["images"]]
+    images = [store.read_view_input(BASE_VIEW, r.image_id) for r in refs]
+    gts = [store.read_view_label(BASE_VIEW, r.image_id, r.label_hash) for r in refs]
+    d = cfg.dataset
+    return report.write_evaluation_report(out, images, gts, list(masks), result["scores"], [r.stem for r in refs],
+                                          d.class_names, d.palette, d.ignore_label, k=cfg.evaluation.gallery,
+                                          title=f"Evaluation report: {d.name}")
 
 
 # -- the lock file: what the last run of this config used (for `ddpmseg status`) --------------------------------------

@@ -176,7 +176,7 @@ class ClassifierConfig(_Strict):
 
 class EvaluationConfig(_Strict):
     save_png: bool = True
-    gallery: int = Field(8, ge=0)  # worst images shown in the report gallery
+    gallery: int = Field(8, ge=0)  # worst images shown in <output_dir>/report/report.html; 0: no report
 
 
 class AugmentationConfig(_Strict):

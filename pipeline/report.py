@@ -31,7 +31,8 @@ from matplotlib.patches import Patch  # noqa: E402
 from pipeline import analysis  # noqa: E402
 
 __all__ = ["plot_heatmap", "plot_size_split", "plot_clusters_grid", "cluster_colours", "write_gallery",
-           "plot_per_class_iou", "plot_per_image_miou", "Table", "ReportSection", "write_html_report",
+           "plot_per_class_iou", "plot_per_image_miou",
+           "plot_prediction_grid", "plot_iou_by_feature", "Table", "ReportSection", "write_html_report",
            "write_evaluation_report"]
 
 DPI = 110
@@ -150,8 +151,10 @@ def plot_clusters_grid(image: np.ndarray, maps: np.ndarray, blocks: Sequence[int
     left = 2 if label is not None else 1
     rows = max(nb, left)
     cell = 1.6
-    fig = plt.figure(figsize=(cell * (ns + 1.5), cell * 1.12 * rows + 1.0))
-    outer = fig.add_gridspec(1, 2, width_ratios=[1.0, ns], wspace=0.25 / max(ns, 1) + 0.12)
+    height = cell * 1.12 * rows + 1.3  # inches: the grid, plus ~0.6 in for the title and ~0.7 in for the legend
+    fig = plt.figure(figsize=(cell * (ns + 1.5), height))
+    outer = fig.add_gridspec(1, 2, width_ratios=[1.0, ns], wspace=0.25 / max(ns, 1) + 0.12,
+                             top=1 - 0.6 / height, bottom=0.7 / height, left=0.04, right=0.98)
     left_grid = outer[0].subgridspec(rows, 1, hspace=0.25)
     right_grid = outer[1].subgridspec(rows, ns, wspace=0.06, hspace=0.12)
     ax = fig.add_subplot(left_grid[0])
@@ -174,7 +177,8 @@ def plot_clusters_grid(image: np.ndarray, maps: np.ndarray, blocks: Sequence[int
                 ax.set_title(f"t = {t}", fontsize=9)
             if j == 0:
                 ax.set_ylabel(f"block {b}", fontsize=9)
-    fig.suptitle(title or f"k-means clusters (k = {k}) of each block's features", y=0.995)
+    fig.suptitle(title or f"k-means clusters (k = {k}) of each block's features", y=1 - 0.12 / height,
+                 va="top")
     fig.legend(handles=[Patch(color=cmap(c), label=f"cluster {c}") for c in range(k)], loc="lower center",
                ncol=min(k, 5), fontsize=8, bbox_to_anchor=(0.5, 0.0), frameon=False,
                title="clusters, numbered by size (0 = largest)", title_fontsize=8)
@@ -284,6 +288,64 @@ def plot_per_image_miou(per_image_miou: Sequence[float | None], names: Sequence[
     ax.set_ylabel("mIoU (%)")
     ax.set_xlabel("test image")
     ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_prediction_grid(images: Sequence[np.ndarray], gts: Sequence[np.ndarray],
+                         preds: dict[str, Sequence[np.ndarray]], titles: Sequence[str], path: str | Path,
+                         palette: Sequence[Sequence[int]] | None = None, class_names: Sequence[str] | None = None,
+                         ignore_label: int | None = None, per_row: int = 2) -> Path:
+    """Every image in the given order, `per_row` per figure row, each as image | ground truth | one prediction
+    per entry of `preds` (name -> masks, same order as images). images: (H, W, 3) uint8 or (3, H, W) in [-1, 1];
+    gts, masks: (H, W) integer."""
+    n = len(images)
+    if not (n == len(gts) == len(titles)) or any(len(p) != n for p in preds.values()):
+        raise ValueError(f"plot_prediction_grid: {n} images, {len(gts)} ground truths, {len(titles)} titles, "
+                         f"predictions {[len(p) for p in preds.values()]}: expected the same number")
+    if n == 0:
+        raise ValueError("plot_prediction_grid: no images")
+    columns = ["image", "ground truth", *preds]
+    rows = math.ceil(n / per_row)
+    width = len(columns) * per_row
+    fig, axes = plt.subplots(rows, width, figsize=(1.25 * width, 1.45 * rows + 0.7), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i in range(n):
+        r, c0 = divmod(i, per_row)
+        panels = [analysis.display_image(images[i]), analysis.colorize(gts[i], palette, ignore_label),
+                  *[analysis.colorize(p[i], palette, ignore_label) for p in preds.values()]]
+        for c, (panel, name) in enumerate(zip(panels, columns)):
+            ax = axes[r, c0 * len(columns) + c]
+            ax.imshow(panel, interpolation="nearest")
+            ax.set_title(f"{titles[i]}\n{name}" if c == 0 else f"\n{name}", fontsize=6)
+    number = len(class_names) if class_names else int(max(int(np.max(g)) for g in gts)) + 1
+    fig.legend(handles=_class_legend(palette, class_names, number), loc="lower center", ncol=min(number, 8),
+               fontsize=8, frameon=False, bbox_to_anchor=(0.5, 0.0))
+    fig.tight_layout(rect=(0, 0.5 / (1.45 * rows + 0.7), 1, 1))
+    return _save(fig, path)
+
+
+def plot_iou_by_feature(per_class: dict[str, dict[str, float | None]], miou: dict[str, float], path: str | Path,
+                        title: str = "IoU per class (%)") -> Path:
+    """Grouped bars: one group per class, one bar per feature type (values in %, None = not scored); the legend
+    gives each feature type's mIoU."""
+    features = list(per_class)
+    classes = list(next(iter(per_class.values())))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(classes) + 2), 3.6))
+    width = 0.8 / len(features)
+    for k, f in enumerate(features):
+        values = np.array([np.nan if per_class[f].get(c) is None else per_class[f][c] for c in classes], dtype=float)
+        xs = np.arange(len(classes)) + (k - (len(features) - 1) / 2) * width
+        ax.bar(xs, np.nan_to_num(values), width=width, label=f"{f} (mIoU {miou[f]:.1f})")
+        for x, v in zip(xs, values):
+            ax.text(x, (0 if np.isnan(v) else v) + 1, "n/a" if np.isnan(v) else f"{v:.0f}", ha="center",
+                    fontsize=6)
+    ax.set_xticks(range(len(classes)), classes)
+    ax.set_ylim(0, 105)
+    ax.set_ylabel("IoU (%)")
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="upper right")
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)
 

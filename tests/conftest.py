@@ -41,12 +41,12 @@ def write_tiny_experiment(root, n_train: int = 4, n_test: int = 3, **overrides) 
 
     import yaml
 
-    from flows.cli import demo_config
+    from flows.cli import tiny_config
     from pipeline import synthetic
 
     root = Path(root)
     synthetic.write_dataset(root / "data", n_train=n_train, n_test=n_test, size=32, seed=0)
-    cfg = demo_config(root)
+    cfg = tiny_config(root)
     cfg["dataset"].update(training_number=n_train, testing_number=n_test)
     cfg["features"].update(steps=[50, 150], blocks=[2, 3, 4], batch_size=4)
     cfg["classifier"].update(model_num=2, max_epochs=2)

@@ -151,7 +151,16 @@ def test_demo_twice_second_run_is_free(tmp_path, prefect_server, capsys):
     out_dir = tmp_path / "demo"
     args = ("demo", "--out", str(out_dir), "--train", "3", "--test", "2", "--members", "1")
     first = run_json(capsys, *args)
-    assert first["unet_forwards"] > 0 and first["members_trained"] == 1
+    # ddpm and random-unet: one forward per (split batch, step): 2 splits x 3 steps each; rgb runs no UNet;
+    # one member per feature type
+    assert first["unet_forwards"] == 2 * 2 * 3 and first["members_trained"] == 3
     second = run_json(capsys, *args)
     assert (second["unet_forwards"], second["members_trained"]) == (0, 0)
-    assert (out_dir / "metrics.json").is_file()
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    assert sorted(metrics) == ["ddpm", "random-unet", "rgb"]
+    assert all(0 <= metrics[f]["miou"] <= 100 for f in metrics)
+    assert metrics == second["features"]  # metrics.json describes the latest run
+    assert {f: e["miou"] for f, e in first["features"].items()} == {f: e["miou"] for f, e in metrics.items()}
+    report = (out_dir / "report.html").read_text()
+    assert "predictions.png" in report and "per_class_iou.png" in report
+    assert (out_dir / "report" / "predictions.png").stat().st_size > 1000
