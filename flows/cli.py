@@ -343,6 +343,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     warnings.filterwarnings("ignore", category=FutureWarning, module="guided_diffusion")  # its torch.cuda.amp use
     args = build_parser().parse_args(argv)
+    _prefect_defaults()
     try:
         return args.func(args)
     except _user_errors() as err:

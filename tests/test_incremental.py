@@ -164,3 +164,5 @@ def test_demo_twice_second_run_is_free(tmp_path, prefect_server, capsys):
     report = (out_dir / "report.html").read_text()
     assert "predictions.png" in report and "per_class_iou.png" in report
     assert (out_dir / "report" / "predictions.png").stat().st_size > 1000
+    # every run also writes its own evaluation report (worst images, per-class and per-image bars)
+    assert "gallery.png" in (out_dir / "runs" / "ddpm" / "s0" / "report" / "report.html").read_text()
