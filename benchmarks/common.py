@@ -8,9 +8,8 @@ import resource
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MB = 1024 * 1024
@@ -18,19 +17,6 @@ MB = 1024 * 1024
 
 class BenchmarkError(RuntimeError):
     """A benchmark step that failed (a child process that crashed, a result that makes no sense)."""
-
-
-@contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """Run torch CPU ops on `n` threads inside the block (as flows.stages does around each stage)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(1, n))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def log(message: str) -> None:

@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import log, torch_threads
+from benchmarks.common import log
+from flows.stages import torch_threads
 from benchmarks.geometry import Geometry
 from flows import stages
 from pipeline import backbone as bb

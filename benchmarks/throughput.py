@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from benchmarks import official
-from benchmarks.common import log, torch_threads
+from benchmarks.common import log
+from flows.stages import torch_threads
 from benchmarks.synthetic_store import SyntheticStore
 from flows import stages
 from pipeline import classifier as clf

@@ -10,6 +10,7 @@ import contextlib
 import itertools
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -264,23 +265,46 @@ def extract_split(cfg: ExperimentConfig, store: FeatureStore, refs: list[ImageRe
 
 def _extract_jobs(cfg: ExperimentConfig, store: FeatureStore, jobs: list[ForwardJob], device: torch.device,
                   counts: dict[str, int], progress: bool, desc: str) -> None:
+    """Forwards in this thread; each forward's writes (compression, checksums, store I/O, commit markers) in one
+    writer thread, so they overlap the next forward. At most one batch waits to be written (bounded memory); a
+    write error stops the loop and is raised here, and an image counts as written only once its commit is done."""
     model, diffusion = _load_backbone(cfg, device) if cfg.model.kind == "ddpm" else (None, None)
     provenance = {"backbone": backbone_fingerprint(cfg), "features": feature_spec(cfg)}
-    for job in tqdm(jobs, desc=desc, unit="fwd", disable=not progress):
-        unit = unit_for(cfg, job.t, job.view)
-        store.ensure_unit(unit, {**provenance, "t": job.t, "view": job.view})
-        ids = list(job.image_ids)
-        x0 = torch.stack([torch.from_numpy(store.read_view_input(job.view, i)) for i in ids]).to(device)
-        if cfg.model.kind == "rgb":
-            acts = {0: rgb_features(x0.cpu())}
-        else:
-            noise = _noise_for(cfg, ids, job.t, device)
-            acts = bb.extract_blocks(model, diffusion, x0, job.t, noise, list(job.blocks),
-                                     cfg.features.input_activations)
-            counts["unet_forwards"] += 1
+
+    def write(unit: UnitSpec, ids: list[str], acts: dict[int, torch.Tensor], blocks: list[int]) -> None:
         for j, image_id in enumerate(ids):
-            store.write_features(unit, image_id, {b: acts[b][j].numpy() for b in job.blocks})
+            store.write_features(unit, image_id, {b: acts[b][j].numpy() for b in blocks})
             counts["images_written"] += 1
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ddpmseg-write") as writer:
+        pending = None
+        try:
+            for job in tqdm(jobs, desc=desc, unit="fwd", disable=not progress):
+                pending = _forward_then_queue(cfg, store, job, model, diffusion, device, provenance, counts, writer,
+                                              write, pending)
+        except BaseException:
+            if pending is not None:
+                pending.result()  # the earlier failure (a write that could not finish) is the one to report
+            raise
+        if pending is not None:
+            pending.result()
+
+
+def _forward_then_queue(cfg, store, job, model, diffusion, device, provenance, counts, writer, write, pending):
+    """One forward of `job`; then wait for the previous batch's writes and queue this batch's. Returns its future."""
+    unit = unit_for(cfg, job.t, job.view)
+    store.ensure_unit(unit, {**provenance, "t": job.t, "view": job.view})
+    ids = list(job.image_ids)
+    x0 = torch.stack([torch.from_numpy(store.read_view_input(job.view, i)) for i in ids]).to(device)
+    if cfg.model.kind == "rgb":
+        acts = {0: rgb_features(x0.cpu())}
+    else:
+        noise = _noise_for(cfg, ids, job.t, device)
+        acts = bb.extract_blocks(model, diffusion, x0, job.t, noise, list(job.blocks), cfg.features.input_activations)
+        counts["unet_forwards"] += 1
+    if pending is not None:
+        pending.result()  # the previous batch is committed (or its error raised) before queueing more
+    return writer.submit(write, unit, ids, acts, list(job.blocks))
 
 
 def rgb_features(x0: torch.Tensor) -> torch.Tensor:
