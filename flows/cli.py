@@ -106,7 +106,6 @@ def tiny_config(out: Path, size: int = 32) -> dict[str, Any]:
 def cmd_demo(args: argparse.Namespace) -> int:
     from flows.demo import format_table, run_demo
 
-    _prefect_defaults()
     result = run_demo(args.out, seeds=args.seeds, n_train=args.train, n_test=args.test, members=args.members,
                       progress=not args.quiet)
     if args.json:

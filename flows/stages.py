@@ -280,32 +280,26 @@ def _extract_jobs(cfg: ExperimentConfig, store: FeatureStore, jobs: list[Forward
         pending = None
         try:
             for job in tqdm(jobs, desc=desc, unit="fwd", disable=not progress):
-                pending = _forward_then_queue(cfg, store, job, model, diffusion, device, provenance, counts, writer,
-                                              write, pending)
+                unit = unit_for(cfg, job.t, job.view)
+                store.ensure_unit(unit, {**provenance, "t": job.t, "view": job.view})
+                ids = list(job.image_ids)
+                x0 = torch.stack([torch.from_numpy(store.read_view_input(job.view, i)) for i in ids]).to(device)
+                if cfg.model.kind == "rgb":
+                    acts = {0: rgb_features(x0.cpu())}
+                else:
+                    noise = _noise_for(cfg, ids, job.t, device)
+                    acts = bb.extract_blocks(model, diffusion, x0, job.t, noise, list(job.blocks),
+                                             cfg.features.input_activations)
+                    counts["unet_forwards"] += 1
+                if pending is not None:
+                    pending.result()  # the previous batch is committed (or its error raised) before queueing more
+                pending = writer.submit(write, unit, ids, acts, list(job.blocks))
+            if pending is not None:
+                pending.result()
         except BaseException:
             if pending is not None:
-                pending.result()  # the earlier failure (a write that could not finish) is the one to report
+                pending.result()  # an earlier failure (a write that could not finish) is the one to report
             raise
-        if pending is not None:
-            pending.result()
-
-
-def _forward_then_queue(cfg, store, job, model, diffusion, device, provenance, counts, writer, write, pending):
-    """One forward of `job`; then wait for the previous batch's writes and queue this batch's. Returns its future."""
-    unit = unit_for(cfg, job.t, job.view)
-    store.ensure_unit(unit, {**provenance, "t": job.t, "view": job.view})
-    ids = list(job.image_ids)
-    x0 = torch.stack([torch.from_numpy(store.read_view_input(job.view, i)) for i in ids]).to(device)
-    if cfg.model.kind == "rgb":
-        acts = {0: rgb_features(x0.cpu())}
-    else:
-        noise = _noise_for(cfg, ids, job.t, device)
-        acts = bb.extract_blocks(model, diffusion, x0, job.t, noise, list(job.blocks), cfg.features.input_activations)
-        counts["unet_forwards"] += 1
-    if pending is not None:
-        pending.result()  # the previous batch is committed (or its error raised) before queueing more
-    return writer.submit(write, unit, ids, acts, list(job.blocks))
-
 
 def rgb_features(x0: torch.Tensor) -> torch.Tensor:
     """The rgb baseline's map: (B, 3, H, W) images in [-1, 1] -> (B, 5, H, W): r, g, b, y, x (coordinates in [-1, 1])."""
@@ -580,10 +574,7 @@ def write_lock(cfg: ExperimentConfig, keys: dict[str, Key], refs: list[ImageRef]
 
 
 def read_lock(cfg: ExperimentConfig) -> dict[str, Any]:
-    try:
-        return json.loads(lock_path(cfg).read_text())
-    except (OSError, ValueError):
-        return {}
+    return _read_json(lock_path(cfg))
 
 
 def add_references(cfg: ExperimentConfig, store: FeatureStore, refs: References) -> References:

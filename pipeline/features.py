@@ -99,8 +99,8 @@ def sample_pixel_features(
         # (w_y0 w_x0) a + (w_y0 w_x1) b + (w_y1 w_x0) c + (w_y1 w_x1) d, accumulated in place in float32
         out = result[:, offset:offset + rows.shape[1]]
         torch.mul(gather(y0, x0), (wy0 * wx0)[:, None], out=out)
-        out.addcmul_(gather(y0, x1).float(), (wy0 * wx1)[:, None])
-        out.addcmul_(gather(y1, x0).float(), (wy1 * wx0)[:, None])
-        out.addcmul_(gather(y1, x1).float(), (wy1 * wx1)[:, None])
+        out.addcmul_(gather(y0, x1), (wy0 * wx1)[:, None])
+        out.addcmul_(gather(y1, x0), (wy1 * wx0)[:, None])
+        out.addcmul_(gather(y1, x1), (wy1 * wx1)[:, None])
         offset += rows.shape[1]
     return result
