@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from pipeline import backbone as bb
 from pipeline import classifier as clf
-from pipeline import augment, datasets, features, metrics, pixels, predict
+from pipeline import augment, datasets, features, memory, metrics, pixels, predict
 from pipeline.config import ExperimentConfig, config_to_dict
 from storage import artifacts
 from storage.features import FeatureStore, StoreError, UnitSpec
@@ -333,7 +333,8 @@ def _build_backbone(cfg: ExperimentConfig, device: torch.device):
 
 # -- train ---------------------------------------------------------------------------------------------------------
 def _map_reader(cfg: ExperimentConfig, store: FeatureStore, cache_size: int) -> Callable[[str], list[torch.Tensor]]:
-    """entry '<view>/<image_id>' -> that image's maps in the official order, a few images cached."""
+    """entry '<view>/<image_id>' -> that image's maps in the official order, a few images cached, as float32
+    channels-last (features.sampling_maps: sampled in place, 2x the float16 size)."""
     blocks = cfg.sorted_blocks
     cache: dict[str, list[torch.Tensor]] = {}
 
@@ -341,9 +342,11 @@ def _map_reader(cfg: ExperimentConfig, store: FeatureStore, cache_size: int) -> 
         if entry not in cache:
             if len(cache) >= cache_size:
                 cache.pop(next(iter(cache)))
+                memory.release_free_memory()  # the evicted maps' pages, wherever the heaps hold them
             view, image_id = entry.split("/")
             units = [unit_for(cfg, t, view) for t in cfg.features.steps]
-            cache[entry] = [torch.from_numpy(m) for m in store.read_maps(units, image_id, blocks)]
+            maps = [torch.from_numpy(m) for m in store.read_maps(units, image_id, blocks)]
+            cache[entry] = features.sampling_maps(maps)
         return cache[entry]
 
     return maps_of
@@ -372,8 +375,10 @@ def member_seed(cfg: ExperimentConfig, index: int) -> int:
 
 
 def train_member(cfg: ExperimentConfig, store: FeatureStore, refs: list[ImageRef], key: Key, index: int,
-                 progress: bool = True) -> dict[str, Any]:
-    """Train ensemble member `index` from the store (skipped when committed); returns its info."""
+                 progress: bool = True, prefetch: bool = True) -> dict[str, Any]:
+    """Train ensemble member `index` from the store (skipped when committed); returns its info.
+
+    prefetch: read and sample the next slice of pixels in a second thread while the MLP trains (same result)."""
     loc = store.location
     if artifacts.member_committed(loc, members_key(key), index):
         return {"member": index, "ran": False}
@@ -383,7 +388,8 @@ def train_member(cfg: ExperimentConfig, store: FeatureStore, refs: list[ImageRef
     settings = clf.TrainSettings(number_class=d.number_class, dim=dim, lr=c.lr, batch_size=c.batch_size,
                                  max_epochs=c.max_epochs, optimizer=c.optimizer, weight_decay=c.weight_decay,
                                  dropout=c.dropout, early_stop_start_epoch=start, patience=c.patience)
-    maps_of = _map_reader(cfg, store, cache_size=c.images_per_buffer + 1)
+    memory.fix_malloc_thresholds()  # freed maps leave the process: the peak stays flat in the number of images
+    maps_of = _map_reader(cfg, store, cache_size=c.images_per_buffer)  # the images of the current buffer
     labels = {r.entry: store.read_view_label(r.view, r.image_id, r.label_hash) for r in refs}
     entries = [r.entry for r in refs]
     seed = member_seed(cfg, index)
@@ -397,7 +403,7 @@ def train_member(cfg: ExperimentConfig, store: FeatureStore, refs: list[ImageRef
 
     def epoch_batches(epoch: int):
         batches = pixels.epoch_batches(entries, labels.__getitem__, pixel_features, d.ignore_label, c.batch_size,
-                                       epoch, seed, images_per_buffer=c.images_per_buffer)
+                                       epoch, seed, images_per_buffer=c.images_per_buffer, prefetch=prefetch)
         return batches if per_epoch is None else itertools.islice(batches, per_epoch)
 
     with torch_threads(1):  # identical numerics wherever a member trains; small MLPs are fastest on one thread

@@ -7,6 +7,10 @@ pixels of a buffer are pooled and shuffled, their features are built only for th
 time, and cut into batches. The remainder that does not fill a batch is carried to the next buffer, so only the
 epoch's last partial batch is dropped, as with DataLoader(drop_last=True).
 
+While the batches of one slice train, the next slice's features are built in a second thread (reading the
+maps of the next buffer's images included), so reading and sampling overlap the MLP steps on a second core;
+the batches are the same, bit for bit, with prefetch=False.
+
 The shuffle is local to a buffer (a batch mixes pixels of at most `images_per_buffer` consecutive images of the
 epoch's random order), where the official shuffle is global; images_per_buffer >= the number of training images
 gives the global shuffle.
@@ -14,7 +18,9 @@ gives the global shuffle.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -43,6 +49,52 @@ def iterations_per_epoch(labelled_count: int, batch_size: int) -> int:
     return labelled_count // batch_size
 
 
+Slice = tuple[list[tuple[str, np.ndarray, Tensor, Tensor]], Tensor]  # ([(image_id, rows, ys, xs)], labels)
+
+
+def plan_slices(image_ids: list[str], load_label: Callable[[str], np.ndarray], ignore_label: int,
+                rng: np.random.Generator, images_per_buffer: int, slice_pixels: int) -> Iterator[Slice]:
+    """The slices of one epoch, in order: which pixels of which images (``rows`` of the slice each takes, their
+    int64 coordinates ys, xs) and the slice's labels (n,) int64. Draws the image order, then one shuffle per
+    buffer, from `rng`."""
+    image_order = rng.permutation(len(image_ids))
+    for buffer_start in range(0, len(image_order), images_per_buffer):
+        buffer_images = [image_ids[i] for i in image_order[buffer_start:buffer_start + images_per_buffer]]
+        pooled = [labelled_pixels(load_label(image_id), ignore_label) for image_id in buffer_images]
+        pool_image = np.concatenate([np.full(len(ys), k, dtype=np.int64) for k, (ys, _, _) in enumerate(pooled)])
+        pool_ys = np.concatenate([ys for ys, _, _ in pooled])
+        pool_xs = np.concatenate([xs for _, xs, _ in pooled])
+        pool_classes = np.concatenate([classes for _, _, classes in pooled])
+        shuffle = rng.permutation(len(pool_classes))
+        for slice_start in range(0, len(shuffle), slice_pixels):
+            picked = shuffle[slice_start:slice_start + slice_pixels]
+            picked_image = pool_image[picked]
+            parts = []
+            for k in np.unique(picked_image):
+                rows = np.nonzero(picked_image == k)[0]
+                parts.append((buffer_images[k], rows, torch.from_numpy(pool_ys[picked[rows]]),
+                              torch.from_numpy(pool_xs[picked[rows]])))
+            yield parts, torch.from_numpy(pool_classes[picked])
+
+
+def slice_features(parts: list[tuple[str, np.ndarray, Tensor, Tensor]], n: int,
+                   pixel_features: Callable[[str, Tensor, Tensor], Tensor]) -> Tensor:
+    """(n, D) float32 features of one slice: row rows[i] of each part is pixel_features(image_id, ys, xs)[i]."""
+    features: Tensor | None = None
+    for image_id, rows, ys, xs in parts:
+        piece = pixel_features(image_id, ys, xs)
+        if piece.ndim != 2 or piece.shape[0] != len(rows) or (features is not None and
+                                                                piece.shape[1] != features.shape[1]):
+            expected = f"({len(rows)}, {features.shape[1] if features is not None else 'D'})"
+            raise ValueError(f"pixel_features({image_id!r}, ...) returned shape {tuple(piece.shape)}, "
+                             f"expected {expected}")
+        if features is None:
+            features = torch.empty((n, piece.shape[1]), dtype=torch.float32)
+        features[torch.from_numpy(rows)] = piece.detach().to("cpu", torch.float32)
+    assert features is not None  # a slice is never empty
+    return features
+
+
 def epoch_batches(
     image_ids: list[str],
     load_label: Callable[[str], np.ndarray],
@@ -54,12 +106,14 @@ def epoch_batches(
     images_per_buffer: int = 4,
     slice_pixels: int = 4096,
     drop_last: bool = True,
+    prefetch: bool = True,
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """Yield the shuffled labelled pixels of one epoch as batches (features (B, D) float32, labels (B,) int64).
 
     load_label(image_id) -> (H, W) integer array (training labels, small classes already set to ignore_label).
     pixel_features(image_id, ys, xs) -> (N, D) features of the pixels at int64 coordinates ys, xs (N,), in that
-    order; called once per (slice, image present in the slice), so it should cache the buffer's images.
+    order; called once per (slice, image present in the slice), so it should cache the buffer's images. With
+    prefetch it runs in one worker thread (always the same one), one slice ahead of the batches yielded.
 
     Deterministic for (seed, epoch); every labelled pixel appears exactly once per epoch, except the final
     partial batch (< batch_size pixels) which is dropped when drop_last (the official setting).
@@ -73,56 +127,48 @@ def epoch_batches(
     if seed < 0 or epoch < 0:
         raise ValueError(f"seed and epoch must be >= 0, got seed={seed}, epoch={epoch}")
 
-    rng = np.random.default_rng([seed, epoch])
-    image_order = rng.permutation(len(image_ids))
+    slices = plan_slices(image_ids, load_label, ignore_label, np.random.default_rng([seed, epoch]),
+                         images_per_buffer, slice_pixels)
     carry_features: Tensor | None = None
     carry_labels: Tensor | None = None
-    dim: int | None = None
+    with ThreadPoolExecutor(1, "slice-features") if prefetch else contextlib.nullcontext() as pool:
 
-    for buffer_start in range(0, len(image_order), images_per_buffer):
-        buffer_images = [image_ids[i] for i in image_order[buffer_start:buffer_start + images_per_buffer]]
-        pooled = [labelled_pixels(load_label(image_id), ignore_label) for image_id in buffer_images]
-        pool_image = np.concatenate([np.full(len(ys), k, dtype=np.int64) for k, (ys, _, _) in enumerate(pooled)])
-        pool_ys = np.concatenate([ys for ys, _, _ in pooled])
-        pool_xs = np.concatenate([xs for _, xs, _ in pooled])
-        pool_classes = np.concatenate([classes for _, _, classes in pooled])
-        shuffle = rng.permutation(len(pool_classes))
+        def start(item: Slice | None):
+            """(labels, something whose .result() is the slice's features), built in the pool when prefetching."""
+            if item is None:
+                return None
+            parts, labels = item
+            if pool is not None:
+                return labels, pool.submit(slice_features, parts, len(labels), pixel_features)
+            done: Future = Future()
+            done.set_result(slice_features(parts, len(labels), pixel_features))
+            return labels, done
 
-        for slice_start in range(0, len(shuffle), slice_pixels):
-            picked = shuffle[slice_start:slice_start + slice_pixels]
-            n_carry = 0 if carry_labels is None else len(carry_labels)
-            features: Tensor | None = None
-            picked_image = pool_image[picked]
-            for k in np.unique(picked_image):
-                rows = np.nonzero(picked_image == k)[0]
-                ys = torch.from_numpy(pool_ys[picked[rows]])
-                xs = torch.from_numpy(pool_xs[picked[rows]])
-                image_id = buffer_images[k]
-                piece = pixel_features(image_id, ys, xs)
-                if piece.ndim != 2 or piece.shape[0] != len(rows) or (dim is not None and piece.shape[1] != dim):
-                    expected = f"({len(rows)}, {dim if dim is not None else 'D'})"
-                    raise ValueError(f"pixel_features({image_id!r}, ...) returned shape {tuple(piece.shape)}, "
-                                     f"expected {expected}")
-                if features is None:
-                    dim = piece.shape[1]
-                    features = torch.empty((n_carry + len(picked), dim), dtype=torch.float32)
-                    if carry_features is not None:
-                        features[:n_carry] = carry_features
-                features[n_carry + torch.from_numpy(rows)] = piece.detach().to("cpu", torch.float32)
-            assert features is not None  # a slice is never empty
-            labels = torch.from_numpy(pool_classes[picked])
-            if carry_labels is not None:
-                labels = torch.cat([carry_labels, labels])
-
-            n_full = len(labels) // batch_size
+        pending = start(next(slices, None))
+        while pending is not None:
+            labels, job = pending
+            pending = start(next(slices, None))  # the next slice builds while this one's batches train
+            features = job.result()
+            if carry_features is not None and carry_features.shape[1] != features.shape[1]:
+                raise ValueError(f"pixel_features returned {features.shape[1]} features per pixel after "
+                                 f"{carry_features.shape[1]} for earlier pixels of the epoch")
+            first = 0
+            if carry_labels is not None:  # complete the batch begun by the previous slices
+                first = min(batch_size - len(carry_labels), len(labels))
+                carry_features = torch.cat([carry_features, features[:first]])
+                carry_labels = torch.cat([carry_labels, labels[:first]])
+                if len(carry_labels) < batch_size:
+                    continue
+                yield carry_features, carry_labels
+                carry_features, carry_labels = None, None
+            n_full = (len(labels) - first) // batch_size
             for b in range(n_full):
-                rows_b = slice(b * batch_size, (b + 1) * batch_size)
-                yield features[rows_b], labels[rows_b]
-            rest = n_full * batch_size
+                rows = slice(first + b * batch_size, first + (b + 1) * batch_size)
+                yield features[rows], labels[rows]
+            rest = first + n_full * batch_size
             if rest < len(labels):
                 carry_features, carry_labels = features[rest:].clone(), labels[rest:].clone()
-            else:
-                carry_features, carry_labels = None, None
 
     if not drop_last and carry_labels is not None:
         yield carry_features, carry_labels
+

@@ -135,3 +135,36 @@ def test_bad_feature_shape_is_reported():
 
 def run_epoch_with(function):
     return list(epoch_batches(IMAGE_IDS, LABELS.__getitem__, function, IGNORE, 32, 0, 0))
+
+
+@pytest.mark.parametrize("slice_pixels", [7, 50, 4096])
+def test_prefetch_gives_the_same_batches(slice_pixels):
+    ahead = run_epoch(epoch=1, seed=3, slice_pixels=slice_pixels, images_per_buffer=2, prefetch=True)
+    inline = run_epoch(epoch=1, seed=3, slice_pixels=slice_pixels, images_per_buffer=2, prefetch=False)
+    assert len(ahead) == len(inline) > 0
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(ahead, inline))
+
+
+def test_prefetch_builds_in_one_other_thread_and_stops_when_abandoned():
+    import threading
+
+    threads = set()
+
+    def recording(image_id, ys, xs):
+        threads.add(threading.get_ident())
+        return pixel_features(image_id, ys, xs)
+
+    before = threading.active_count()
+    batches = epoch_batches(IMAGE_IDS, LABELS.__getitem__, recording, IGNORE, 8, 0, 0, slice_pixels=16)
+    next(batches)  # the first batch, then the consumer stops (as early stopping does)
+    batches.close()
+    assert len(threads) == 1 and threading.get_ident() not in threads
+    assert threading.active_count() == before  # the worker is gone
+
+
+def test_error_in_the_prefetch_thread_reaches_the_consumer():
+    def failing(image_id, ys, xs):
+        raise OSError(f"store unreachable while reading {image_id}")
+
+    with pytest.raises(OSError, match="store unreachable while reading img"):
+        run_epoch_with(failing)
