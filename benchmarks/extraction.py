@@ -123,6 +123,7 @@ def run_extraction(workdir: Path, geometry: Geometry, n_images: int, repeats: in
         "forward_s_per_image_step": (bare - min(build_s)) / (n_images * len(geometry.steps)),
         "write_s_per_image_step": min(write_s) / (n_images * len(geometry.steps)),
         "serial_writes_ratio": (bare + min(write_s)) / bare,
+        "fp16_bytes_per_image_step": 2 * geometry.values_per_step,
         "store_dir": str(ours_store), "unit_paths": [stages.unit_for(cfg, t).path for t in geometry.steps],
         "image_ids": [r.image_id for r in refs],
     }

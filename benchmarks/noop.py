@@ -4,13 +4,16 @@ All in fresh processes with an isolated PREFECT_HOME and no PREFECT_API_URL (the
 ephemeral server, as a user without a server gets it; its start-up timeout raised from Prefect's 20 s to 180 s,
 which a first start on a loaded 2-core machine can exceed):
 - cold: the first run (extract, train, evaluate);
-- no-op: the second run (every stage cached) -> `noop_rerun_s`;
+- no-op: the second run (every stage cached) -> `noop_rerun_s`: `run_config`'s fast path (flows/fastpath.py)
+  sees that nothing would change and returns without starting Prefect (`noop_flow_run` is None);
+- no-op with `--always-flow`: the same re-run through the Prefect flow (ephemeral server start + one flow run)
+  -> `noop_always_flow_s`, the cost of recording an unchanged run in Prefect;
 - imports: `python -c "import flows.cli, flows.segment"`;
 - Prefect start-up: a process that imports Prefect and runs one empty flow (ephemeral server start + one run);
 - direct: `python -m benchmarks.noop direct CONFIG`: the same freshness checks in a plain process without
   Prefect (prepare both splits, extract plans, member markers, evaluation record): what a no-op costs us;
-- optionally, with a running `prefect server start` (PREFECT_API_URL set): the no-op run without the ephemeral
-  server start.
+- optionally, with a running `prefect server start` (PREFECT_API_URL set): the no-op run with `--always-flow`
+  (a flow run) without the ephemeral server start.
 """
 from __future__ import annotations
 
@@ -143,7 +146,7 @@ def _with_running_server(cmd: list[str], env: dict[str, str], cwd: Path, timeout
                 raise BenchmarkError(f"prefect server start did not answer on {api} within {timeout} s")
             time.sleep(0.5)
         server_start_s = time.perf_counter() - start
-        seconds, stdout = _timed(cmd, {**env, "PREFECT_API_URL": api}, cwd)
+        seconds, stdout = _timed([*cmd, "--always-flow"], {**env, "PREFECT_API_URL": api}, cwd)
         return {"noop_with_running_server_s": seconds, "server_start_s": server_start_s,
                 "stages": _last_json(stdout).get("stages")}
     finally:
@@ -165,6 +168,9 @@ def run_noop(workdir: Path, running_server: bool = False) -> dict[str, Any]:
     log("no-op: second run (nothing to do)")
     noop_s, stdout = _timed(cmd, env, workdir)
     summary = _last_json(stdout)
+    log("no-op: second run again with --always-flow (through Prefect)")
+    always_s, always_stdout = _timed([*cmd, "--always-flow"], env, workdir)
+    always = _last_json(always_stdout)
     log("no-op: imports alone, Prefect start-up alone, our checks without Prefect")
     import_s, _ = _timed([sys.executable, "-c", "import flows.cli, flows.segment"], env, REPO_ROOT)
     empty_s, empty_out = _timed([sys.executable, "-c", EMPTY_FLOW], env, workdir)
@@ -175,13 +181,16 @@ def run_noop(workdir: Path, running_server: bool = False) -> dict[str, Any]:
         "cold_run_s": cold_s, "noop_rerun_s": noop_s,
         "noop_stages": summary.get("stages"), "noop_unet_forwards": summary.get("unet_forwards"),
         "noop_members_trained": summary.get("members_trained"),
+        "noop_flow_run": summary.get("flow_run"),
+        "noop_always_flow_s": always_s, "always_flow_stages": always.get("stages"),
+        "always_flow_run": always.get("flow_run"),
         "import_only_s": import_s,
         "prefect_empty_flow_process_s": empty_s,
         "prefect_import_s": empty["import_s"],
         "prefect_first_flow_s": empty["first_flow_s"],
         "direct_noop_process_s": direct_s,
         "direct_noop": direct,
-        "prefect_share_s": noop_s - direct_s,
+        "prefect_share_s": always_s - direct_s,  # what a flow run adds to our checks
     }
     if running_server:
         log("no-op: against a running `prefect server start`")

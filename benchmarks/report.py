@@ -78,9 +78,17 @@ def markdown(results: dict[str, Any]) -> str:
                  f"{_fmt(d.get('store_realistic', {}).get('bytes_per_value'))} B/value | 4 B/value, upsampled | "
                  f"{_fmt(real)} (1/{_fmt(_inv(real))}) | (info) | |")
     ex = d.get("extraction", {})
-    lines.append(f"| extraction time ({ex.get('forwards', '?')} forwards) | {_fmt(_min(ex.get('ours_s')))} s | "
+    lines.append(f"| extraction time, {ex.get('geometry', {}).get('name', '?')} ({ex.get('forwards', '?')} forwards) | "
+                 f"{_fmt(_min(ex.get('ours_s')))} s | "
                  f"{_fmt(_min(ex.get('bare_s')))} s bare forwards | {_fmt(results.get('extraction_overhead_ratio'))}x | "
                  f"{g['extraction_overhead_ratio']['goal']} | {_mark(g['extraction_overhead_ratio']['pass'])} |")
+    sx = d.get("extraction_stress", {})
+    if sx:
+        lines.append(f"| extraction time, stress: {sx['geometry']['name']} ({sx['forwards']} forwards, "
+                     f"{_fmt(_mb_per_forward_s(sx))} MB written per second of forward vs "
+                     f"{_fmt(_mb_per_forward_s(ex))} above) | {_fmt(_min(sx['ours_s']))} s | "
+                     f"{_fmt(_min(sx['bare_s']))} s bare forwards | "
+                     f"{_fmt(results.get('extraction_overhead_ratio_stress'))}x | (info) | |")
     tp = d.get("throughput", {})
     lines.append(f"| training throughput | {_fmt(tp.get('streaming_px_per_s'))} px/s streaming | "
                  f"{_fmt(tp.get('in_memory_px_per_s'))} px/s in memory | "
@@ -92,6 +100,7 @@ def markdown(results: dict[str, Any]) -> str:
                  f"{_fmt(results.get('noop_rerun_s'))} s | {g['noop_rerun_s']['goal']} | "
                  f"{_mark(g['noop_rerun_s']['pass'])} |")
     lines += ["", *_memory_section(mem, results), *_store_section(d), *_extraction_section(ex, d.get("extraction_real_unet")),
+              *_extraction_section(sx, None, "3b. Extraction overhead, stress geometry"),
               *_throughput_section(tp), *_noop_section(np_), *_notes(results)]
     return "\n".join(lines) + "\n"
 
@@ -152,7 +161,15 @@ def _store_section(d: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
-def _extraction_section(ex: dict[str, Any], real: dict[str, Any] | None = None) -> list[str]:
+def _mb_per_forward_s(ex: dict[str, Any]) -> float | None:
+    """float16 MB written per second of bare forward (what the writes must keep up with)."""
+    if not ex or not ex.get("forward_s_per_image_step"):
+        return None
+    return ex["fp16_bytes_per_image_step"] / 1e6 / ex["forward_s_per_image_step"]
+
+
+def _extraction_section(ex: dict[str, Any], real: dict[str, Any] | None = None,
+                        title: str = "3. Extraction overhead") -> list[str]:
     if not ex:
         return []
     geo = ex["geometry"]
@@ -162,7 +179,7 @@ def _extraction_section(ex: dict[str, Any], real: dict[str, Any] | None = None) 
         f"{_fmt(min(real['bare_s']))} s, writes alone {_fmt(min(real['writes_only_s']))} s: "
         f"**{_fmt(real['extraction_overhead_ratio'])}x** (writes added serially predict "
         f"{_fmt(real['serial_writes_ratio'])}x).", ""]
-    return ["## 3. Extraction overhead", "",
+    return [f"## {title}", "",
             f"{geo['name']}, blocks {geo['blocks']}, steps {geo['steps']}, {ex['images']} images, batch "
             f"{ex['batch_size']}, {ex['forwards']} forwards on {ex['device']} ({ex.get('torch_threads')} torch "
             f"threads, as extract_split); times per repetition (the ratio uses the minimum of each).", "",
@@ -175,7 +192,8 @@ def _extraction_section(ex: dict[str, Any], real: dict[str, Any] | None = None) 
             f"{', '.join(_fmt(s) for s in ex['writes_only_s'])} |",
             "", f"Overhead {_fmt(ex['overhead_s'])} s. Per image and step: a forward "
             f"{_fmt(ex['forward_s_per_image_step'])} s, "
-            f"its writes {_fmt(ex['write_s_per_image_step'])} s; writes added serially to the forwards predict "
+            f"its writes {_fmt(ex['write_s_per_image_step'])} s ({_fmt(ex['fp16_bytes_per_image_step'] / 1e6)} MB of "
+            f"float16, {_fmt(_mb_per_forward_s(ex))} MB per second of forward); writes added serially to the forwards predict "
             f"{_fmt(ex['serial_writes_ratio'])}x. The forward time varies several-fold with the load of a shared "
             f"machine (two torch threads on two cores), the write time much less: the ratio moves with it.", "",
             *real_lines]
@@ -200,11 +218,11 @@ def _throughput_section(tp: dict[str, Any]) -> list[str]:
             f"| in memory, official DataLoader(FeatureDataset) | {_fmt(tp['official_loader_s'])} | "
             f"{_fmt(tp['official_loader_px_per_s'])} |",
             "", f"Where the time goes without prefetch (the stage's own calls, timed inside that run): read_maps "
-            f"{_fmt(b['read_maps'])} s, sample_pixel_features {_fmt(b['sample_pixel_features'])} s "
-            f"({_fmt(tp['sample_pixel_features_us_per_px'])} µs per trained pixel), the rest (MLP steps, shuffle, "
+            f"{_fmt(b['read_maps'])} s, sample_tables {_fmt(b['sample_tables'])} s "
+            f"({_fmt(tp['sample_tables_us_per_px'])} µs per trained pixel), the rest (MLP steps, shuffle, "
             f"batches) {_fmt(b['rest'])} s ({_fmt(tp['streaming_rest_us_per_px'])} µs per pixel; in memory the "
             f"whole step costs {_fmt(tp['mlp_us_per_px'])} µs per pixel). With prefetch the same calls took "
-            f"{_fmt(pf['read_maps'])} s + {_fmt(pf['sample_pixel_features'])} s in the prefetch thread.",
+            f"{_fmt(pf['read_maps'])} s + {_fmt(pf['sample_tables'])} s in the prefetch thread.",
             "", f"Ratio without prefetch: {_fmt(tp['streaming_throughput_ratio_no_prefetch'])}x. "
             f"Ratio vs the official DataLoader: {_fmt(tp['streaming_throughput_ratio_vs_official_loader'])}x. "
             f"Projected for fully labelled images (read_maps amortised over {tp.get('dense_pixels_per_image', 'all')} "

@@ -35,7 +35,7 @@ if __package__ in (None, ""):  # `python benchmarks/run.py`: make the repository
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import log, machine_info  # noqa: E402
-from benchmarks.geometry import MID_EXTRACTION, REAL, TOY, TOY_EXTRACTION, Geometry  # noqa: E402
+from benchmarks.geometry import MID_EXTRACTION, OFFICIAL_AT_64, REAL, TOY, TOY_EXTRACTION, Geometry  # noqa: E402
 
 BENCHMARKS = ("memory", "store", "extraction", "throughput", "noop")
 DEFAULT_OUT = Path(__file__).resolve().parent / "results.md"
@@ -58,14 +58,18 @@ class Plan:
     extraction_repeats: int
     running_server: bool = False
     extraction_real_unet: bool = False  # also extract 1 image x 1 step with the real 552.8 M UNet (random init)
+    # also extraction on a UNet that writes far more per second of forward than the real one (a stress figure)
+    stress_extraction_geometry: Geometry | None = None
     official_cap_mb: float = 11000
 
 
-FULL = Plan("full", REAL, (2, 5, 10, 20, 40), (1, 2), (2, 3, 4), 1200, 4, 16384, MID_EXTRACTION, 8, 3,
-            running_server=True, extraction_real_unet=True)
-QUICK = Plan("quick", REAL, (5, 20), (1, 2), (2, 3), 1200, 2, 8192, MID_EXTRACTION.with_steps((50, 150)), 8, 3,
-             running_server=True)
-TOY_PLAN = Plan("toy", TOY, (5, 20), (1, 2), (2, 3), 400, 2, 600, TOY_EXTRACTION, 2, 1)
+DENSE = 256 * 256  # a fully labelled 256x256 training image (the paper's data sets)
+FULL = Plan("full", REAL, (2, 5, 10, 20, 40), (1, 2), (2, 3, 4), 1200, 2, DENSE, OFFICIAL_AT_64, 8, 3,
+            running_server=True, extraction_real_unet=True, stress_extraction_geometry=MID_EXTRACTION)
+QUICK = Plan("quick", REAL, (5, 20), (1, 2), (2, 3), 1200, 2, DENSE, OFFICIAL_AT_64.with_steps((50, 150)), 4, 2,
+             running_server=True, stress_extraction_geometry=MID_EXTRACTION.with_steps((50, 150)))
+TOY_PLAN = Plan("toy", TOY, (5, 20), (1, 2), (2, 3), 400, 2, 600, TOY_EXTRACTION, 2, 1,
+                stress_extraction_geometry=TOY_EXTRACTION)
 
 
 def run_benchmarks(plan: Plan, workdir: Path, only: tuple[str, ...] = BENCHMARKS, command: str = "",
@@ -88,7 +92,8 @@ def run_benchmarks(plan: Plan, workdir: Path, only: tuple[str, ...] = BENCHMARKS
         "train_peak_rss_mb_n20": None, "train_rss_growth_n5_to_n20": None, "official_rss_mb_per_image": None,
         "official_peak_rss_mb_n20_extrapolated": None, "ours_rss_mb_per_image": None,
         "store_ratio_vs_upsampled_fp32": None, "store_ratio_vs_upsampled_fp32_realistic": None,
-        "extraction_overhead_ratio": None, "extraction_overhead_ratio_real_unet": None,
+        "extraction_overhead_ratio": None, "extraction_overhead_ratio_stress": None,
+        "extraction_overhead_ratio_real_unet": None,
         "streaming_throughput_ratio": None, "noop_rerun_s": None, "errors": {},
     }
     details = results["details"]
@@ -137,6 +142,12 @@ def run_benchmarks(plan: Plan, workdir: Path, only: tuple[str, ...] = BENCHMARKS
                                 REAL)
         details["store_realistic"] = real_store
         results["store_ratio_vs_upsampled_fp32_realistic"] = real_store["ratio_at_real_geometry"]
+        if plan.stress_extraction_geometry is not None:
+            stress = run_extraction(workdir / "extraction-stress", plan.stress_extraction_geometry,
+                                    2 * plan.extraction_images, plan.extraction_repeats + 1)
+            details["extraction_stress"] = {k: v for k, v in stress.items()
+                                            if k not in ("store_dir", "image_ids", "unit_paths")}
+            results["extraction_overhead_ratio_stress"] = stress["extraction_overhead_ratio"]
         if plan.extraction_real_unet:
             real = run_extraction(workdir / "extraction-real-unet", REAL.with_steps(REAL.steps[:1]), 1, 1)
             details["extraction_real_unet"] = {k: v for k, v in real.items()
@@ -201,22 +212,26 @@ def findings(results: dict[str, Any]) -> list[str]:
     tp = d.get("throughput")
     if tp:
         b = tp["breakdown_s"]
-        share = b["sample_pixel_features"] / tp["streaming_no_prefetch_s"]
-        notes.append(f"Streaming: features.sample_pixel_features takes {tp['sample_pixel_features_us_per_px']:.0f} µs "
+        share = b["sample_tables"] / tp["streaming_no_prefetch_s"]
+        notes.append(f"Streaming: features.sample_tables takes {tp['sample_tables_us_per_px']:.0f} µs "
                      f"per trained pixel vs {tp['mlp_us_per_px']:.0f} µs for a whole in-memory MLP step "
                      f"({100 * share:.0f}% of the time without prefetch; read_maps "
                      f"{100 * b['read_maps'] / tp['streaming_no_prefetch_s']:.0f}%). With prefetch the data path runs "
                      f"in a second thread, hidden behind the MLP steps as long as a core is free for it: "
                      f"{tp['streaming_throughput_ratio']:.2f}x with it, "
                      f"{tp['streaming_throughput_ratio_no_prefetch']:.2f}x without.")
-    ex = d.get("extraction")
-    if ex:
-        notes.append(f"Extraction: per image and step, FeatureStore.write_features takes "
-                     f"{ex['write_s_per_image_step']:.3f} s against {ex['forward_s_per_image_step']:.3f} s for the "
-                     f"forward; extract_split writes each batch in a writer thread while the next forward runs, so "
-                     f"the overhead falls below the serial prediction ({ex['serial_writes_ratio']:.2f}x if writes did "
-                     f"not overlap, {ex['extraction_overhead_ratio']:.2f}x measured) as far as free cores allow: on a "
-                     f"CPU-only machine the forward's torch threads and the writer share the same cores.")
+    for name, label in (("extraction", "Extraction"), ("extraction_stress", "Extraction, stress geometry")):
+        ex = d.get(name)
+        if not ex:
+            continue
+        mb_per_s = ex["fp16_bytes_per_image_step"] / 1e6 / ex["forward_s_per_image_step"]
+        notes.append(f"{label} ({ex['geometry']['name']}): per image and step, FeatureStore.write_features takes "
+                     f"{ex['write_s_per_image_step']:.4f} s against {ex['forward_s_per_image_step']:.3f} s for the "
+                     f"forward ({mb_per_s:.1f} MB of float16 per second of forward); the writes run in a writer "
+                     f"thread beside the next forward, which hides them only where a core is free (a GPU); on this "
+                     f"CPU-only machine the forward's torch threads use every core, so they add up: "
+                     f"{ex['serial_writes_ratio']:.3f}x predicted serially, {ex['extraction_overhead_ratio']:.3f}x "
+                     f"measured.")
     nop = d.get("noop")
     if nop:
         notes.append(f"No-op re-run: {nop['noop_rerun_s']:.1f} s in all; a process that only runs one empty Prefect "

@@ -2,6 +2,7 @@
 
     ddpmseg demo [--out DIR] [--json]             generate a small labelled data set and run the whole flow on it
     ddpmseg run CONFIG [--store URL] [--json]     extract -> train -> evaluate, re-using what the store holds
+                                                  (nothing changed: no Prefect flow run unless --always-flow)
     ddpmseg extract|train|evaluate CONFIG         one stage (and what it needs)
     ddpmseg config import ddpm.json [--model-flags "..."]   an official experiment file -> our YAML
     ddpmseg config presets | show CONFIG
@@ -46,6 +47,8 @@ def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
     print(f"forwards    {summary.get('unet_forwards', 0)}   members trained {summary.get('members_trained', 0)}")
     if summary.get("message"):
         print(summary["message"])
+    if "flow_run" in summary and summary["flow_run"] is None:
+        print(f"prefect     {summary.get('prefect', 'no flow run started')}")
     if "miou" in summary:
         print(f"mIoU        {summary['miou']:.2f} (official)   {summary['miou_standard']:.2f} (standard)   "
               f"pixel acc {summary['pixel_accuracy']:.2f}")
@@ -55,17 +58,28 @@ def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
 
 def run_config(config_path: str | Path, store: str | None = None, stages: tuple[str, ...] = ("extract", "train",
                "evaluate"), progress: bool = True, read_only: bool = False,
-               dask_address: str | None = None) -> dict[str, Any]:
-    """Validate a config and run the segment flow on it; returns the flow's summary."""
+               dask_address: str | None = None, always_flow: bool = False) -> dict[str, Any]:
+    """Validate a config and run the segment flow on it; returns the flow's summary.
+
+    When nothing would change (every stage fresh in the store, outputs and lock file up to date: see
+    flows/fastpath.py) the flow is not started and the summary it would have returned comes back with
+    "flow_run": None. always_flow: run the flow anyway (so the run is recorded in Prefect)."""
     _prefect_defaults()
     from pipeline.config import load_config
 
     cfg = load_config(config_path)  # validate before starting Prefect: a bad file fails fast
+    store_url = _store_url(store) if store else cfg.store
+    if not always_flow:
+        from flows import fastpath
+
+        summary, _ = fastpath.check(cfg, store_url, tuple(stages), read_only)
+        if summary is not None:
+            return summary
     from flows.segment import segment_on
 
     dask_address = dask_address or os.environ.get("DDPMSEG_DASK_ADDRESS") or None
-    return segment_on(dask_address)(str(Path(config_path).resolve()), _store_url(store) if store else cfg.store,
-                                    list(stages), progress, read_only, parallel=bool(dask_address))
+    return segment_on(dask_address)(str(Path(config_path).resolve()), store_url, list(stages), progress, read_only,
+                                    parallel=bool(dask_address))
 
 
 def _store_url(url: str) -> str:
@@ -76,7 +90,7 @@ def _store_url(url: str) -> str:
 
 def cmd_run(args: argparse.Namespace, stages: tuple[str, ...]) -> int:
     summary = run_config(args.config, args.store, stages, progress=not args.quiet, read_only=args.read_only,
-                         dask_address=args.dask_address)
+                         dask_address=args.dask_address, always_flow=args.always_flow)
     _print_summary(summary, args.json)
     return 0
 
@@ -258,6 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--dask-address", metavar="tcp://HOST:8786",
                             help="run extraction batches and ensemble members on this Dask cluster "
                                  "(default: $DDPMSEG_DASK_ADDRESS, else local)")
+            sp.add_argument("--always-flow", action="store_true",
+                            help="run the Prefect flow even when nothing changed, so the run is recorded in Prefect "
+                                 "(default: an unchanged config returns its cached summary without starting Prefect)")
         sp.add_argument("--quiet", action="store_true", help="no progress bars")
 
     sp = sub.add_parser("run", help="run extract -> train -> evaluate for a config")

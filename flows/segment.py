@@ -178,7 +178,15 @@ def segment(config_path: str, store_url: str | None = None, stages_to_run: list[
     cfg = load_config(config_path)
     if read_only:
         cfg.store_read_only = True
-    return run_segment(cfg, store_url, tuple(stages_to_run or ALL_STAGES), progress, parallel)
+    summary = run_segment(cfg, store_url, tuple(stages_to_run or ALL_STAGES), progress, parallel)
+    summary["flow_run"] = _flow_run_id()  # not in metrics.json (written before): the fast path's is None
+    return summary
+
+
+def _flow_run_id() -> str | None:
+    from prefect.runtime import flow_run
+
+    return str(flow_run.id) if flow_run.id else None
 
 
 def segment_on(dask_address: str | None):

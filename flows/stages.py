@@ -24,7 +24,7 @@ from pipeline import classifier as clf
 from pipeline import augment, datasets, features, memory, metrics, pixels, predict
 from pipeline.config import ExperimentConfig, config_to_dict
 from storage import artifacts
-from storage.features import FeatureStore, StoreError, UnitSpec
+from storage.features import FeatureStore, StoreError, UnitSpec, to_float16
 from storage.maintenance import References
 from storage.keys import Key, array_digest, digest, file_digest
 from storage.location import StoreLocation
@@ -226,7 +226,8 @@ class ForwardJob:
 
 
 def extract_plan(cfg: ExperimentConfig, store: FeatureStore, refs: list[ImageRef]) -> list[ForwardJob]:
-    """The forwards still needed: for each t, images grouped by the set of blocks they lack, in batches.
+    """The forwards still needed: for each t, images grouped by the set of blocks they lack, in batches; a
+    batch's jobs for all t are consecutive.
 
     Reads only the commit markers, so a killed run resumes at exactly the unfinished (image, t) pairs.
     """
@@ -244,7 +245,11 @@ def extract_plan(cfg: ExperimentConfig, store: FeatureStore, refs: list[ImageRef
             for missing, ids in by_missing.items():
                 for i in range(0, len(ids), cfg.features.batch_size):
                     jobs.append(ForwardJob(t, view, tuple(ids[i:i + cfg.features.batch_size]), missing))
-    return jobs
+    # batch-major: a batch's forwards at every t run back to back (t ascending), so its inputs are read once
+    first_seen: dict[tuple[str, tuple[str, ...]], int] = {}
+    for job in jobs:
+        first_seen.setdefault((job.view, job.image_ids), len(first_seen))
+    return sorted(jobs, key=lambda job: first_seen[(job.view, job.image_ids)])
 
 
 def extract_split(cfg: ExperimentConfig, store: FeatureStore, refs: list[ImageRef], progress: bool = True,
@@ -271,19 +276,23 @@ def _extract_jobs(cfg: ExperimentConfig, store: FeatureStore, jobs: list[Forward
     model, diffusion = _load_backbone(cfg, device) if cfg.model.kind == "ddpm" else (None, None)
     provenance = {"backbone": backbone_fingerprint(cfg), "features": feature_spec(cfg)}
 
-    def write(unit: UnitSpec, ids: list[str], acts: dict[int, torch.Tensor], blocks: list[int]) -> None:
+    def write(unit: UnitSpec, ids: list[str], acts: dict[int, np.ndarray], blocks: list[int]) -> None:
         for j, image_id in enumerate(ids):
-            store.write_features(unit, image_id, {b: acts[b][j].numpy() for b in blocks})
+            store.write_features(unit, image_id, {b: acts[b][j] for b in blocks})
             counts["images_written"] += 1
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ddpmseg-write") as writer:
         pending = None
+        batch_inputs = None
         try:
             for job in tqdm(jobs, desc=desc, unit="fwd", disable=not progress):
                 unit = unit_for(cfg, job.t, job.view)
                 store.ensure_unit(unit, {**provenance, "t": job.t, "view": job.view})
                 ids = list(job.image_ids)
-                x0 = torch.stack([torch.from_numpy(store.read_view_input(job.view, i)) for i in ids]).to(device)
+                if batch_inputs is None or batch_inputs[0] != (job.view, job.image_ids):  # read once per batch
+                    x0 = torch.stack([torch.from_numpy(store.read_view_input(job.view, i)) for i in ids]).to(device)
+                    batch_inputs = ((job.view, job.image_ids), x0)
+                x0 = batch_inputs[1]
                 if cfg.model.kind == "rgb":
                     acts = {0: rgb_features(x0.cpu())}
                 else:
@@ -291,6 +300,8 @@ def _extract_jobs(cfg: ExperimentConfig, store: FeatureStore, jobs: list[Forward
                     acts = bb.extract_blocks(model, diffusion, x0, job.t, noise, list(job.blocks),
                                              cfg.features.input_activations)
                     counts["unet_forwards"] += 1
+                # float16 here, on the forward's threads: the writer only checks, encodes and stores
+                acts = {b: to_float16(a, f"{unit.path} images {', '.join(ids)} block {b}") for b, a in acts.items()}
                 if pending is not None:
                     pending.result()  # the previous batch is committed (or its error raised) before queueing more
                 pending = writer.submit(write, unit, ids, acts, list(job.blocks))
@@ -352,6 +363,46 @@ def _map_reader(cfg: ExperimentConfig, store: FeatureStore, cache_size: int) -> 
     return maps_of
 
 
+def _slice_sampler(cfg: ExperimentConfig, store: FeatureStore, slots: int) -> Callable[[pixels.PixelSlice],
+                                                                                   torch.Tensor]:
+    """slice -> (n, D) features of its pixels. The images of the slice's buffer are held in one set of
+    features.MapTables (`slots` images, allocated once, float32 channels-last), each read from the store when a
+    slice first needs it; each slice is then sampled with one fused op per map, in slice order."""
+    blocks = cfg.sorted_blocks
+    tables: features.MapTables | None = None
+    slot_of: dict[str, int] = {}  # entry '<view>/<image_id>' -> its slot
+    outputs: list[torch.Tensor | None] = [None, None]  # two slice buffers used in turn (epoch_batches allows it)
+    calls = 0
+
+    def read(entry: str) -> list[torch.Tensor]:
+        view, image_id = entry.split("/")
+        units = [unit_for(cfg, t, view) for t in cfg.features.steps]
+        return [torch.from_numpy(m) for m in store.read_maps(units, image_id, blocks)]
+
+    def slice_features(part: pixels.PixelSlice) -> torch.Tensor:
+        nonlocal tables, calls
+        if any(entry not in slot_of for entry in part.images):  # a new buffer: keep what it shares, load the rest
+            kept = {entry: slot for entry, slot in slot_of.items() if entry in part.images}
+            free = [slot for slot in range(slots) if slot not in kept.values()]
+            for entry in part.images:
+                if entry not in kept:
+                    maps = read(entry)
+                    if tables is None:
+                        tables = features.map_tables([tuple(m.shape) for m in maps], slots)
+                    kept[entry] = free.pop(0)
+                    features.load_maps(tables, kept[entry], maps)
+            slot_of.clear()
+            slot_of.update(kept)
+        slots_of_images = torch.tensor([slot_of[entry] for entry in part.images], dtype=torch.long)
+        ring, calls = calls % 2, calls + 1
+        if outputs[ring] is None or outputs[ring].shape[0] < len(part.labels):
+            outputs[ring] = torch.empty((len(part.labels), tables.dim), dtype=torch.float32)
+        return features.sample_tables(tables, slots_of_images[part.image], part.ys, part.xs, cfg.image_size,
+                                      out=outputs[ring])
+
+    return slice_features
+
+
 def feature_dim(cfg: ExperimentConfig, store: FeatureStore, image_id: str, view: str = BASE_VIEW) -> int:
     units = [unit_for(cfg, t, view) for t in cfg.features.steps]
     return sum(int(a.shape[0]) for u in units for a in store.feature_arrays(u, image_id, cfg.sorted_blocks))
@@ -389,7 +440,7 @@ def train_member(cfg: ExperimentConfig, store: FeatureStore, refs: list[ImageRef
                                  max_epochs=c.max_epochs, optimizer=c.optimizer, weight_decay=c.weight_decay,
                                  dropout=c.dropout, early_stop_start_epoch=start, patience=c.patience)
     memory.fix_malloc_thresholds()  # freed maps leave the process: the peak stays flat in the number of images
-    maps_of = _map_reader(cfg, store, cache_size=c.images_per_buffer)  # the images of the current buffer
+    slice_features = _slice_sampler(cfg, store, slots=c.images_per_buffer)  # the images of the current buffer
     labels = {r.entry: store.read_view_label(r.view, r.image_id, r.label_hash) for r in refs}
     entries = [r.entry for r in refs]
     seed = member_seed(cfg, index)
@@ -398,11 +449,8 @@ def train_member(cfg: ExperimentConfig, store: FeatureStore, refs: list[ImageRef
         base = [labels[r.entry] for r in refs if r.view == BASE_VIEW]
         per_epoch = max(1, pixels.count_labelled(base, d.ignore_label) // c.batch_size)
 
-    def pixel_features(entry: str, ys: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
-        return features.sample_pixel_features(maps_of(entry), ys, xs, cfg.image_size)
-
     def epoch_batches(epoch: int):
-        batches = pixels.epoch_batches(entries, labels.__getitem__, pixel_features, d.ignore_label, c.batch_size,
+        batches = pixels.epoch_batches(entries, labels.__getitem__, slice_features, d.ignore_label, c.batch_size,
                                        epoch, seed, images_per_buffer=c.images_per_buffer, prefetch=prefetch)
         return batches if per_epoch is None else itertools.islice(batches, per_epoch)
 

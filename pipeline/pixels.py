@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -49,17 +50,23 @@ def iterations_per_epoch(labelled_count: int, batch_size: int) -> int:
     return labelled_count // batch_size
 
 
-Slice = tuple[list[tuple[str, np.ndarray, Tensor, Tensor]], Tensor]  # ([(image_id, rows, ys, xs)], labels)
+@dataclass(frozen=True)
+class PixelSlice:
+    """The pixels of one slice of an epoch, in training order, all from the images of one buffer."""
+
+    images: tuple[str, ...]  # the buffer's image ids
+    image: Tensor  # (n,) int64: index into `images` of each pixel's image
+    ys: Tensor  # (n,) int64 row of each pixel
+    xs: Tensor  # (n,) int64 column of each pixel
+    labels: Tensor  # (n,) int64 class of each pixel
 
 
 def plan_slices(image_ids: list[str], load_label: Callable[[str], np.ndarray], ignore_label: int,
-                rng: np.random.Generator, images_per_buffer: int, slice_pixels: int) -> Iterator[Slice]:
-    """The slices of one epoch, in order: which pixels of which images (``rows`` of the slice each takes, their
-    int64 coordinates ys, xs) and the slice's labels (n,) int64. Draws the image order, then one shuffle per
-    buffer, from `rng`."""
+                rng: np.random.Generator, images_per_buffer: int, slice_pixels: int) -> Iterator[PixelSlice]:
+    """The slices of one epoch, in order. Draws the image order, then one shuffle per buffer, from `rng`."""
     image_order = rng.permutation(len(image_ids))
     for buffer_start in range(0, len(image_order), images_per_buffer):
-        buffer_images = [image_ids[i] for i in image_order[buffer_start:buffer_start + images_per_buffer]]
+        buffer_images = tuple(image_ids[i] for i in image_order[buffer_start:buffer_start + images_per_buffer])
         pooled = [labelled_pixels(load_label(image_id), ignore_label) for image_id in buffer_images]
         pool_image = np.concatenate([np.full(len(ys), k, dtype=np.int64) for k, (ys, _, _) in enumerate(pooled)])
         pool_ys = np.concatenate([ys for ys, _, _ in pooled])
@@ -68,37 +75,38 @@ def plan_slices(image_ids: list[str], load_label: Callable[[str], np.ndarray], i
         shuffle = rng.permutation(len(pool_classes))
         for slice_start in range(0, len(shuffle), slice_pixels):
             picked = shuffle[slice_start:slice_start + slice_pixels]
-            picked_image = pool_image[picked]
-            parts = []
-            for k in np.unique(picked_image):
-                rows = np.nonzero(picked_image == k)[0]
-                parts.append((buffer_images[k], rows, torch.from_numpy(pool_ys[picked[rows]]),
-                              torch.from_numpy(pool_xs[picked[rows]])))
-            yield parts, torch.from_numpy(pool_classes[picked])
+            yield PixelSlice(buffer_images, torch.from_numpy(pool_image[picked]), torch.from_numpy(pool_ys[picked]),
+                             torch.from_numpy(pool_xs[picked]), torch.from_numpy(pool_classes[picked]))
 
 
-def slice_features(parts: list[tuple[str, np.ndarray, Tensor, Tensor]], n: int,
-                   pixel_features: Callable[[str, Tensor, Tensor], Tensor]) -> Tensor:
-    """(n, D) float32 features of one slice: row rows[i] of each part is pixel_features(image_id, ys, xs)[i]."""
-    features: Tensor | None = None
-    for image_id, rows, ys, xs in parts:
-        piece = pixel_features(image_id, ys, xs)
-        if piece.ndim != 2 or piece.shape[0] != len(rows) or (features is not None and
-                                                                piece.shape[1] != features.shape[1]):
-            expected = f"({len(rows)}, {features.shape[1] if features is not None else 'D'})"
-            raise ValueError(f"pixel_features({image_id!r}, ...) returned shape {tuple(piece.shape)}, "
-                             f"expected {expected}")
-        if features is None:
-            features = torch.empty((n, piece.shape[1]), dtype=torch.float32)
-        features[torch.from_numpy(rows)] = piece.detach().to("cpu", torch.float32)
-    assert features is not None  # a slice is never empty
-    return features
+def per_image(pixel_features: Callable[[str, Tensor, Tensor], Tensor]) -> Callable[[PixelSlice], Tensor]:
+    """A slice_features function for epoch_batches from pixel_features(image_id, ys, xs) -> (N, D): one call
+    per image present in the slice, each image's rows put back in slice order (float32)."""
+
+    def slice_features(pixels: PixelSlice) -> Tensor:
+        features: Tensor | None = None
+        for k in torch.unique(pixels.image).tolist():
+            rows = torch.nonzero(pixels.image == k)[:, 0]
+            image_id = pixels.images[k]
+            piece = pixel_features(image_id, pixels.ys[rows], pixels.xs[rows])
+            if piece.ndim != 2 or piece.shape[0] != len(rows) or (features is not None and
+                                                                    piece.shape[1] != features.shape[1]):
+                expected = f"({len(rows)}, {features.shape[1] if features is not None else 'D'})"
+                raise ValueError(f"pixel_features({image_id!r}, ...) returned shape {tuple(piece.shape)}, "
+                                 f"expected {expected}")
+            if features is None:
+                features = torch.empty((len(pixels.labels), piece.shape[1]), dtype=torch.float32)
+            features[rows] = piece.detach().to("cpu", torch.float32)
+        assert features is not None  # a slice is never empty
+        return features
+
+    return slice_features
 
 
 def epoch_batches(
     image_ids: list[str],
     load_label: Callable[[str], np.ndarray],
-    pixel_features: Callable[[str, Tensor, Tensor], Tensor],
+    slice_features: Callable[[PixelSlice], Tensor],
     ignore_label: int,
     batch_size: int,
     epoch: int,
@@ -111,9 +119,12 @@ def epoch_batches(
     """Yield the shuffled labelled pixels of one epoch as batches (features (B, D) float32, labels (B,) int64).
 
     load_label(image_id) -> (H, W) integer array (training labels, small classes already set to ignore_label).
-    pixel_features(image_id, ys, xs) -> (N, D) features of the pixels at int64 coordinates ys, xs (N,), in that
-    order; called once per (slice, image present in the slice), so it should cache the buffer's images. With
-    prefetch it runs in one worker thread (always the same one), one slice ahead of the batches yielded.
+    slice_features(pixels) -> (n, D) features of the n pixels of a PixelSlice, in its order; called once per
+    slice, the slices of a buffer one after the other, so it should hold the buffer's images (`per_image` adapts
+    a per-image function). With prefetch it runs in one worker thread (always the same one), one slice ahead of
+    the batches yielded. It may return the same memory every other call (a ring of two buffers): the batches
+    yielded are copies, and a slice's features are no longer read once slice_features is called for the slice
+    after the next one.
 
     Deterministic for (seed, epoch); every labelled pixel appears exactly once per epoch, except the final
     partial batch (< batch_size pixels) which is dropped when drop_last (the official setting).
@@ -133,16 +144,22 @@ def epoch_batches(
     carry_labels: Tensor | None = None
     with ThreadPoolExecutor(1, "slice-features") if prefetch else contextlib.nullcontext() as pool:
 
-        def start(item: Slice | None):
+        def features_of(pixels: PixelSlice) -> Tensor:
+            features = slice_features(pixels)
+            if features.ndim != 2 or features.shape[0] != len(pixels.labels):
+                raise ValueError(f"slice_features returned shape {tuple(features.shape)} for a slice of "
+                                 f"{len(pixels.labels)} pixels, expected ({len(pixels.labels)}, D)")
+            return features.detach().to("cpu", torch.float32)
+
+        def start(pixels: PixelSlice | None):
             """(labels, something whose .result() is the slice's features), built in the pool when prefetching."""
-            if item is None:
+            if pixels is None:
                 return None
-            parts, labels = item
             if pool is not None:
-                return labels, pool.submit(slice_features, parts, len(labels), pixel_features)
+                return pixels.labels, pool.submit(features_of, pixels)
             done: Future = Future()
-            done.set_result(slice_features(parts, len(labels), pixel_features))
-            return labels, done
+            done.set_result(features_of(pixels))
+            return pixels.labels, done
 
         pending = start(next(slices, None))
         while pending is not None:
@@ -150,7 +167,7 @@ def epoch_batches(
             pending = start(next(slices, None))  # the next slice builds while this one's batches train
             features = job.result()
             if carry_features is not None and carry_features.shape[1] != features.shape[1]:
-                raise ValueError(f"pixel_features returned {features.shape[1]} features per pixel after "
+                raise ValueError(f"slice_features returned {features.shape[1]} features per pixel after "
                                  f"{carry_features.shape[1]} for earlier pixels of the epoch")
             first = 0
             if carry_labels is not None:  # complete the batch begun by the previous slices
@@ -164,7 +181,7 @@ def epoch_batches(
             n_full = (len(labels) - first) // batch_size
             for b in range(n_full):
                 rows = slice(first + b * batch_size, first + (b + 1) * batch_size)
-                yield features[rows], labels[rows]
+                yield features[rows].clone(), labels[rows]  # the caller's own copy: `features` may be reused
             rest = first + n_full * batch_size
             if rest < len(labels):
                 carry_features, carry_labels = features[rest:].clone(), labels[rest:].clone()

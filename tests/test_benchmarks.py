@@ -54,6 +54,8 @@ def test_json_has_every_key_with_sane_values(toy_run):
     assert 0.005 < results["store_ratio_vs_upsampled_fp32_realistic"] < 0.03  # carried to the 256 geometry
     # timings at toy size on a shared machine say nothing: only that they were measured
     assert 0 < results["extraction_overhead_ratio"] < math.inf
+    assert 0 < results["extraction_overhead_ratio_stress"] < math.inf
+    assert results["details"]["extraction_stress"]["fp16_bytes_per_image_step"] > 0
     assert 0 < results["streaming_throughput_ratio"] < math.inf
     for key, goal in results["goals"].items():
         assert set(goal) == {"value", "goal", "pass"} and goal["value"] == results[key]
@@ -79,9 +81,9 @@ def test_throughput_breakdown_times_the_stage_calls(toy_run):
     tp = results["details"]["throughput"]
     b = tp["breakdown_s"]
     # the timing wrappers saw the stage's own calls (0 would mean the stage no longer calls them as assumed)
-    assert b["read_maps"] > 0 and b["sample_pixel_features"] > 0
-    assert b["read_maps"] + b["sample_pixel_features"] < tp["streaming_no_prefetch_s"]
-    assert tp["prefetch_thread_s"]["sample_pixel_features"] > 0  # the prefetch thread's calls are timed too
+    assert b["read_maps"] > 0 and b["sample_tables"] > 0
+    assert b["read_maps"] + b["sample_tables"] < tp["streaming_no_prefetch_s"]
+    assert tp["prefetch_thread_s"]["sample_tables"] > 0  # the prefetch thread's calls are timed too
     assert tp["iterations"] == tp["labelled_pixels"] // 64 and tp["torch_threads"] == 1
 
 
@@ -158,5 +160,8 @@ def test_noop_rerun_benchmark(tmp_path):
     assert out["noop_stages"] == {"extract": "cached", "train": "cached", "evaluate": "cached"}
     assert out["noop_unet_forwards"] == 0 and out["noop_members_trained"] == 0
     assert out["direct_noop"]["fresh"] is True
-    assert 0 < out["direct_noop_process_s"] < out["noop_rerun_s"] < out["cold_run_s"]
+    assert out["noop_flow_run"] is None and out["always_flow_run"]  # the fast path; --always-flow ran the flow
+    assert out["always_flow_stages"] == out["noop_stages"]
+    assert 0 < out["noop_rerun_s"] < out["noop_always_flow_s"] < out["cold_run_s"]
+    assert 0 < out["direct_noop_process_s"] < out["noop_always_flow_s"]
     assert out["prefect_first_flow_s"] > 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -113,3 +114,37 @@ def test_real_unet_maps_through_float16_store(tiny_backbone):
         assert (from_store - official).abs().max() > 0  # the float16 rounding is really there
         same16 = upsample_concat(maps16, size)[:, ys, xs].T
         torch.testing.assert_close(from_store, same16, atol=1e-5, rtol=1e-5)
+
+
+def test_map_tables_sample_every_image_of_a_buffer_exactly_like_per_image_sampling():
+    from pipeline.features import load_maps, map_tables, sample_tables
+
+    rng = np.random.default_rng(5)
+    shapes = [(6, 4, 4), (3, 8, 8), (2, 16, 16)]
+    images = [[torch.from_numpy(rng.standard_normal(s).astype(np.float16)) for s in shapes] for _ in range(3)]
+    tables = map_tables(shapes, slots=4)
+    assert tables.slots == 4 and tables.dim == 11
+    for slot, maps in zip((2, 0, 3), images):  # any slot: the image -> slot mapping is the caller's
+        load_maps(tables, slot, maps)
+    n = 500
+    which = torch.from_numpy(rng.integers(0, 3, n))
+    ys, xs = torch.from_numpy(rng.integers(0, 32, n)), torch.from_numpy(rng.integers(0, 32, n))
+    slots = torch.tensor([2, 0, 3])[which]
+    sampled = sample_tables(tables, slots, ys, xs, 32)
+    for k, maps in enumerate(images):
+        rows = which == k
+        assert torch.equal(sampled[rows], sample_pixel_features(maps, ys[rows], xs[rows], 32))  # bit for bit
+
+
+def test_map_tables_refuse_what_they_cannot_hold():
+    from pipeline.features import load_maps, map_tables, sample_tables
+
+    tables = map_tables([(2, 4, 4)], slots=2)
+    with pytest.raises(ValueError, match="slot 2 out of range"):
+        load_maps(tables, 2, [torch.zeros(2, 4, 4)])
+    with pytest.raises(ValueError, match=r"do not match the tables' \[\(2, 4, 4\)\]"):
+        load_maps(tables, 0, [torch.zeros(3, 4, 4)])
+    with pytest.raises(ValueError, match=r"slots must lie in \[0, 2\)"):
+        sample_tables(tables, torch.tensor([2]), torch.tensor([0]), torch.tensor([0]), 16)
+    with pytest.raises(ValueError, match=r"pixel coordinates must lie in \[0, 16\)"):
+        sample_tables(tables, torch.tensor([0]), torch.tensor([16]), torch.tensor([0]), 16)

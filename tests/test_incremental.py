@@ -44,7 +44,7 @@ def test_each_change_reruns_exactly_what_it_invalidates(tiny_experiment, prefect
 
     # + a block -> forwards for every (image, t) missing it; existing block arrays untouched
     store = Path(out["store"])
-    old_chunks = {p: p.stat().st_mtime_ns for p in store.glob("features/**/b02/c/**/*") if p.is_file()}
+    old_chunks = {p: p.stat().st_mtime_ns for p in store.glob("features/**/b02/c*") if p.is_file()}
     assert old_chunks
     edit(cfg, "features", blocks=[2, 3, 4])
     out = run_json(capsys, "run", str(cfg))
@@ -65,11 +65,16 @@ def test_each_change_reruns_exactly_what_it_invalidates(tiny_experiment, prefect
     assert (out["unet_forwards"], out["members_trained"]) == (0, 0)
     assert out["stages"] == {"extract": "cached", "train": "cached", "evaluate": "ran"}
 
-    # unchanged -> nothing runs, and it says so; Prefect shows the stages as Cached
+    # unchanged -> nothing runs, and it says so, without starting Prefect (the fast path)
     out = run_json(capsys, "run", str(cfg))
     assert (out["unet_forwards"], out["members_trained"]) == (0, 0)
     assert out["stages"] == {"extract": "cached", "train": "cached", "evaluate": "cached"}
-    assert "nothing to do" in out["message"]
+    assert "nothing to do" in out["message"] and out["flow_run"] is None
+    # through the flow (--always-flow): Prefect shows the stages as Cached
+    out = run_json(capsys, "run", str(cfg), "--always-flow")
+    assert (out["unet_forwards"], out["members_trained"]) == (0, 0)
+    assert out["stages"] == {"extract": "cached", "train": "cached", "evaluate": "cached"}
+    assert "nothing to do" in out["message"] and out["flow_run"]
     assert out["prefect_cache_hits"] == 2 + 2 + 1  # extract train/test, 2 members, evaluate
 
 

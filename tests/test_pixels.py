@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.pixels import count_labelled, epoch_batches, iterations_per_epoch, labelled_pixels
+from pipeline.pixels import count_labelled, epoch_batches, iterations_per_epoch, labelled_pixels, per_image
 
 IGNORE = 255
 IMAGE_IDS = [f"img{i}" for i in range(7)]
@@ -37,8 +37,8 @@ def pixel_features(image_id: str, ys: torch.Tensor, xs: torch.Tensor) -> torch.T
 
 
 def run_epoch(epoch: int = 0, seed: int = 0, batch_size: int = 32, **kwargs):
-    return list(epoch_batches(IMAGE_IDS, LABELS.__getitem__, pixel_features, IGNORE, batch_size, epoch, seed,
-                              **kwargs))
+    return list(epoch_batches(IMAGE_IDS, LABELS.__getitem__, per_image(pixel_features), IGNORE, batch_size, epoch,
+                              seed, **kwargs))
 
 
 def pixel_keys(batches) -> list[tuple[int, int, int]]:
@@ -119,7 +119,7 @@ def test_keep_last_partial_batch():
 def test_ignore_label_zero():
     labels = {image_id: np.where(label == IGNORE, 0, label + 1).astype(np.uint8) for image_id, label in LABELS.items()}
     batches = list(epoch_batches(IMAGE_IDS, labels.__getitem__,
-                                 lambda image_id, ys, xs: torch.zeros(len(ys), 2), 0, 16, 0, 0))
+                                 per_image(lambda image_id, ys, xs: torch.zeros(len(ys), 2)), 0, 16, 0, 0))
     classes = torch.cat([labels_b for _, labels_b in batches])
     assert int(classes.min()) >= 1
     assert len(classes) == count_labelled(labels.values(), 0) // 16 * 16
@@ -134,7 +134,7 @@ def test_bad_feature_shape_is_reported():
 
 
 def run_epoch_with(function):
-    return list(epoch_batches(IMAGE_IDS, LABELS.__getitem__, function, IGNORE, 32, 0, 0))
+    return list(epoch_batches(IMAGE_IDS, LABELS.__getitem__, per_image(function), IGNORE, 32, 0, 0))
 
 
 @pytest.mark.parametrize("slice_pixels", [7, 50, 4096])
@@ -155,7 +155,7 @@ def test_prefetch_builds_in_one_other_thread_and_stops_when_abandoned():
         return pixel_features(image_id, ys, xs)
 
     before = threading.active_count()
-    batches = epoch_batches(IMAGE_IDS, LABELS.__getitem__, recording, IGNORE, 8, 0, 0, slice_pixels=16)
+    batches = epoch_batches(IMAGE_IDS, LABELS.__getitem__, per_image(recording), IGNORE, 8, 0, 0, slice_pixels=16)
     next(batches)  # the first batch, then the consumer stops (as early stopping does)
     batches.close()
     assert len(threads) == 1 and threading.get_ident() not in threads
@@ -168,3 +168,27 @@ def test_error_in_the_prefetch_thread_reaches_the_consumer():
 
     with pytest.raises(OSError, match="store unreachable while reading img"):
         run_epoch_with(failing)
+
+
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_slice_features_may_reuse_a_ring_of_two_buffers(prefetch):
+    # epoch_batches' contract: the batches are copies, and a slice's features are not read any more once
+    # slice_features is called for the slice after the next one; a ring of two output buffers is safe
+    fresh = per_image(pixel_features)
+    ring, calls = [torch.empty(0, 4), torch.empty(0, 4)], [0]
+
+    def reusing(pixels):
+        k = calls[0] % 2
+        calls[0] += 1
+        if ring[k].shape[0] < len(pixels.labels):
+            ring[k] = torch.empty(len(pixels.labels), 4)
+        out = ring[k][:len(pixels.labels)]
+        out.copy_(fresh(pixels))
+        return out
+
+    expected = list(epoch_batches(IMAGE_IDS, LABELS.__getitem__, fresh, IGNORE, 8, 2, 1, slice_pixels=20,
+                                  images_per_buffer=3, prefetch=prefetch))
+    batches = list(epoch_batches(IMAGE_IDS, LABELS.__getitem__, reusing, IGNORE, 8, 2, 1, slice_pixels=20,
+                                 images_per_buffer=3, prefetch=prefetch))
+    assert calls[0] > 4 and len(batches) == len(expected) > 0
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(batches, expected))

@@ -80,7 +80,7 @@ def test_full_run_into_s3_then_a_teammate_reuses_everything(s3, tmp_path, prefec
     first = _run(capsys, "run", str(alice))
     assert first["store"] == url and first["unet_forwards"] > 0 and first["members_trained"] == 2
     keys = {o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=BUCKET, Prefix="shared/run1/")["Contents"]}
-    assert any("/features/" in k and k.endswith("/c/0/0/0/0") for k in keys)
+    assert any("/features/" in k and k.endswith("/c.0.0.0.0") for k in keys)
     assert any(k.startswith("shared/run1/models/") and k.endswith(".pt") for k in keys)
 
     # teammate B: other directory, other config path, same content -> nothing recomputed
@@ -96,6 +96,8 @@ def test_full_run_into_s3_then_a_teammate_reuses_everything(s3, tmp_path, prefec
     # a read-only consumer works while nothing needs writing, and says so when something would
     third = _run(capsys, "run", str(bob), "--read-only")
     assert (third["unet_forwards"], third["members_trained"]) == (0, 0)
+    again = _run(capsys, "run", str(bob), "--read-only")  # unchanged: the fast path, reading S3 only, no flow
+    assert again["flow_run"] is None and again["miou"] == first["miou"] and again["store"] == url
     bob.write_text(data.replace("model_num: 2", "model_num: 3"))
     assert main(["run", str(bob), "--read-only", "--quiet"]) == 2
     err = capsys.readouterr().err

@@ -37,7 +37,7 @@ def array_dir(store: FeatureStore, path: str) -> Path:
 
 
 def chunk_files(store: FeatureStore, path: str) -> list[Path]:
-    return sorted(p for p in (array_dir(store, path) / "c").rglob("*") if p.is_file())
+    return sorted(p for p in array_dir(store, path).rglob("c*") if p.is_file())
 
 
 # -- features: layout, codecs, round trip --------------------------------------------------------------------------
@@ -133,6 +133,62 @@ def test_array_without_commit_marker_does_not_count_and_is_rewritten(store):
     assert fresh.committed_blocks(UNIT, IMAGE) == {5, 8}
     np.testing.assert_allclose(fresh.read_maps([UNIT], IMAGE, [8])[0].astype(np.float32), maps[8],
                                rtol=1e-3, atol=1e-3)
+
+
+def test_writer_killed_between_chunks_and_commit_leaves_nothing_that_counts(store):
+    # write_features stores every chunk first and the metadata documents (the commit) last: a writer killed in
+    # between leaves chunk files without zarr.json. Simulated by storing only the chunk documents of a real write.
+    from storage import features as store_features
+
+    maps = block_maps()
+    store.write_features(UNIT, IMAGE, {5: maps[5]})
+    chunks, _ = store_features._array_documents(f"{UNIT.path}/{IMAGE}/b08", maps[8].astype(FEATURE_DTYPE)[None],
+                                                ("image", "channel", "y", "x"), {"block": 8, "t": 50}, "stamp")
+    store_features._store_documents(store.root.store_path, chunks)
+    assert chunk_files(store, f"{UNIT.path}/{IMAGE}/b08")  # the data is there ...
+    assert not (array_dir(store, f"{UNIT.path}/{IMAGE}/b08") / "zarr.json").exists()  # ... the commit is not
+    fresh = FeatureStore(store.location)
+    assert fresh.committed_blocks(UNIT, IMAGE) == {5}
+    with pytest.raises(StoreError, match=r"b08.*not in the store"):
+        fresh.feature_arrays(UNIT, IMAGE, [8])
+    fresh.write_features(UNIT, IMAGE, {8: maps[8]})  # the next run writes it whole and commits
+    assert fresh.committed_blocks(UNIT, IMAGE) == {5, 8}
+    np.testing.assert_allclose(fresh.read_maps([UNIT], IMAGE, [8])[0].astype(np.float32), maps[8],
+                               rtol=1e-3, atol=1e-3)
+
+
+def test_float16_cast_rounds_like_numpy_and_refuses_what_float16_cannot_hold(store):
+    rng = np.random.default_rng(3)
+    values = np.concatenate([rng.standard_normal(4096).astype(np.float32) * scale
+                             for scale in (1e-7, 1e-4, 1.0, 1e3, 1.5e4)]
+                            + [np.array([65504, 65519.99, -65519.99, 6e-8, 3e-8, 0.0, -0.0], np.float32)])
+    fmap = values.reshape(1, 1, -1)
+    store.write_features(UNIT, IMAGE, {5: fmap})
+    stored = store.read_maps([UNIT], IMAGE, [5])[0]
+    assert stored.view(np.uint16).tolist() == fmap.astype(np.float16).view(np.uint16).tolist()  # bit for bit
+    with pytest.raises(StoreError, match=r"block 8: activations are beyond the float16 range"):
+        store.write_features(UNIT, "other", {5: fmap, 8: np.full((1, 1, 2), 65520, np.float32)})
+    assert store.committed_blocks(UNIT, "other") == set()  # the refused call wrote no block at all
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "uint8"])
+def test_chunks_are_the_bytes_zarr_itself_writes(tmp_path, dtype):
+    # the write path encodes chunks itself (storage.features._chunk_bytes); zarr's own pipeline must agree byte
+    # for byte, or a zarr upgrade changed the format under us
+    from storage import features as store_features
+
+    rng = np.random.default_rng(0)
+    data = (rng.standard_normal((1, 6, 5, 7)) * 50).astype(dtype)
+    own = FeatureStore(str(tmp_path / "own"))
+    own._write_array("g/x/arr", data, ("image", "channel", "y", "x"), {"k": 1})
+    reference = zarr.create_array(str(tmp_path / "zarr"), shape=data.shape, chunks=data.shape, dtype=dtype,
+                                  compressors=store_features._compressors(), fill_value=0,
+                                  chunk_key_encoding=store_features.CHUNK_KEY_ENCODING)
+    reference[...] = data
+    ours = (tmp_path / "own" / "g" / "x" / "arr" / "c.0.0.0.0").read_bytes()
+    assert ours == (tmp_path / "zarr" / "c.0.0.0.0").read_bytes()
+    np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "own" / "g" / "x" / "arr"))[...], data)
+    assert zarr.open_group(str(tmp_path / "own"))["g/x/arr"].attrs["k"] == 1  # the hierarchy lists it
 
 
 def test_uncommitted_array_with_stale_shape_is_replaced(store):
