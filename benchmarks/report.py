@@ -224,11 +224,12 @@ def _throughput_section(tp: dict[str, Any]) -> list[str]:
             f"whole step costs {_fmt(tp['mlp_us_per_px'])} µs per pixel). With prefetch the same calls took "
             f"{_fmt(pf['read_maps'])} s + {_fmt(pf['sample_tables'])} s in the prefetch thread.",
             "", f"Ratio without prefetch: {_fmt(tp['streaming_throughput_ratio_no_prefetch'])}x. "
-            f"Ratio vs the official DataLoader: {_fmt(tp['streaming_throughput_ratio_vs_official_loader'])}x. "
-            f"Projected for fully labelled images (read_maps amortised over {tp.get('dense_pixels_per_image', 'all')} "
-            f"pixels per image; a projection from the measured costs, not a measurement): "
-            f"{_fmt(tp['streaming_throughput_ratio_projected_dense_labels'])}x with prefetch, "
-            f"{_fmt(tp['streaming_throughput_ratio_projected_dense_labels_no_prefetch'])}x without.", ""]
+            f"Ratio vs the official DataLoader: {_fmt(tp['streaming_throughput_ratio_vs_official_loader'])}x."
+            + ("" if tp["labelled_pixels"] >= tp["images"] * tp.get("dense_pixels_per_image", 0) else
+               f" Projected for fully labelled images (read_maps amortised over {tp.get('dense_pixels_per_image')} "
+               f"pixels per image; a projection from the measured costs, not a measurement): "
+               f"{_fmt(tp['streaming_throughput_ratio_projected_dense_labels'])}x with prefetch, "
+               f"{_fmt(tp['streaming_throughput_ratio_projected_dense_labels_no_prefetch'])}x without."), ""]
 
 
 def _noop_section(nop: dict[str, Any]) -> list[str]:
@@ -239,7 +240,10 @@ def _noop_section(nop: dict[str, Any]) -> list[str]:
              f"no PREFECT_API_URL (Prefect's ephemeral server, the embedded default).", "",
              "| process | seconds |", "|---|---|",
              f"| first run (cold) | {_fmt(nop['cold_run_s'])} |",
-             f"| **second run (no-op)**: stages {nop.get('noop_stages')} | {_fmt(nop['noop_rerun_s'])} |",
+             f"| **second run (no-op)**: stages {nop.get('noop_stages')}, no flow run started (flows/fastpath.py) | "
+             f"{_fmt(nop['noop_rerun_s'])} |",
+             *([f"| second run with `--always-flow` (Prefect's ephemeral server + one flow run, recorded) | "
+                f"{_fmt(nop['noop_always_flow_s'])} |"] if nop.get("noop_always_flow_s") is not None else []),
              f"| `python -c 'import flows.cli, flows.segment'` | {_fmt(nop['import_only_s'])} |",
              f"| a process running one empty Prefect flow (import {_fmt(nop['prefect_import_s'])} s, "
              f"ephemeral server start + first flow {_fmt(nop['prefect_first_flow_s'])} s) | "
@@ -247,7 +251,7 @@ def _noop_section(nop: dict[str, Any]) -> list[str]:
              f"| our freshness checks without Prefect (`python -m benchmarks.noop direct`, fresh = "
              f"{nop['direct_noop'].get('fresh')}) | {_fmt(nop['direct_noop_process_s'])} |"]
     if "noop_with_running_server_s" in nop:
-        lines.append(f"| second run against a running `prefect server start` (PREFECT_API_URL set) | "
+        lines.append(f"| second run with `--always-flow` against a running `prefect server start` (PREFECT_API_URL set) | "
                      f"{_fmt(nop['noop_with_running_server_s'])} |")
     return lines + [""]
 

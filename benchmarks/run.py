@@ -66,7 +66,7 @@ class Plan:
 DENSE = 256 * 256  # a fully labelled 256x256 training image (the paper's data sets)
 FULL = Plan("full", REAL, (2, 5, 10, 20, 40), (1, 2), (2, 3, 4), 1200, 2, DENSE, OFFICIAL_AT_64, 8, 3,
             running_server=True, extraction_real_unet=True, stress_extraction_geometry=MID_EXTRACTION)
-QUICK = Plan("quick", REAL, (5, 20), (1, 2), (2, 3), 1200, 2, DENSE, OFFICIAL_AT_64.with_steps((50, 150)), 4, 2,
+QUICK = Plan("quick", REAL, (5, 20), (1, 2), (2, 3), 1200, 2, DENSE, OFFICIAL_AT_64.with_steps((50, 150)), 4, 4,
              running_server=True, stress_extraction_geometry=MID_EXTRACTION.with_steps((50, 150)))
 TOY_PLAN = Plan("toy", TOY, (5, 20), (1, 2), (2, 3), 400, 2, 600, TOY_EXTRACTION, 2, 1,
                 stress_extraction_geometry=TOY_EXTRACTION)
@@ -205,10 +205,11 @@ def findings(results: dict[str, Any]) -> list[str]:
     if mem and len(mem.get("ours", [])) >= 2:
         pts = sorted((r["n"], r["peak_rss_mb"]) for r in mem["ours"])
         steps = ", ".join(f"N {a}->{b}: {vb - va:+.0f} MB" for (a, va), (b, vb) in zip(pts, pts[1:]))
-        notes.append(f"Ours (one process per N, same labels): {steps}. The stage holds the maps of one buffer of "
-                     f"images (images_per_buffer, float32 channels-last), the slice of pixel features being trained "
-                     f"and the one being prefetched; glibc serves buffers >= 1 MB with mmap (pipeline.memory), so "
-                     f"freed maps leave the process instead of fragmenting the heap as more images pass through.")
+        notes.append(f"Ours (one process per N, same labels): {steps}. The stage allocates once: the maps of one "
+                     f"buffer of images (features.MapTables, images_per_buffer slots, float32 channels-last) and two "
+                     f"slice buffers of 4096 pixels (the slice being trained and the one being prefetched); glibc "
+                     f"serves buffers >= 16 MB with mmap (pipeline.memory), so what reads and sampling free leaves "
+                     f"the process instead of fragmenting the heap as more images pass through.")
     tp = d.get("throughput")
     if tp:
         b = tp["breakdown_s"]
@@ -234,13 +235,16 @@ def findings(results: dict[str, Any]) -> list[str]:
                      f"measured.")
     nop = d.get("noop")
     if nop:
-        notes.append(f"No-op re-run: {nop['noop_rerun_s']:.1f} s in all; a process that only runs one empty Prefect "
+        always = (f", {nop['noop_always_flow_s']:.1f} s with --always-flow"
+                  if nop.get("noop_always_flow_s") is not None else "")
+        notes.append(f"No-op re-run: {nop['noop_rerun_s']:.1f} s in all (the fast path: no flow run){always}; "
+                     f"a process that only runs one empty Prefect "
                      f"flow takes {nop['prefect_empty_flow_process_s']:.1f} s (Prefect import "
                      f"{nop['prefect_import_s']:.1f} s, ephemeral server start + first flow "
                      f"{nop['prefect_first_flow_s']:.1f} s); our own freshness checks without Prefect take "
                      f"{nop['direct_noop_process_s']:.1f} s in a fresh process (imports "
                      f"{nop['direct_noop']['import_s']:.1f} s, checks {nop['direct_noop']['checks_s']:.2f} s)."
-                     + (f" Against a running `prefect server start` the no-op run takes "
+                     + (f" With --always-flow (a recorded flow run) against a running `prefect server start` it takes "
                         f"{nop['noop_with_running_server_s']:.1f} s." if "noop_with_running_server_s" in nop else ""))
     return notes
 

@@ -367,7 +367,9 @@ def _slice_sampler(cfg: ExperimentConfig, store: FeatureStore, slots: int) -> Ca
                                                                                    torch.Tensor]:
     """slice -> (n, D) features of its pixels. The images of the slice's buffer are held in one set of
     features.MapTables (`slots` images, allocated once, float32 channels-last), each read from the store when a
-    slice first needs it; each slice is then sampled with one fused op per map, in slice order."""
+    slice first needs it; each slice is then sampled with one fused op per map, in slice order, into one of two
+    full-size slice buffers (allocated once: no page faults per slice, a footprint that does not grow with the
+    number of images or epochs)."""
     blocks = cfg.sorted_blocks
     tables: features.MapTables | None = None
     slot_of: dict[str, int] = {}  # entry '<view>/<image_id>' -> its slot
@@ -395,8 +397,9 @@ def _slice_sampler(cfg: ExperimentConfig, store: FeatureStore, slots: int) -> Ca
             slot_of.update(kept)
         slots_of_images = torch.tensor([slot_of[entry] for entry in part.images], dtype=torch.long)
         ring, calls = calls % 2, calls + 1
-        if outputs[ring] is None or outputs[ring].shape[0] < len(part.labels):
-            outputs[ring] = torch.empty((len(part.labels), tables.dim), dtype=torch.float32)
+        if outputs[ring] is None or outputs[ring].shape[0] < len(part.labels):  # full size at once: a flat peak
+            rows = max(len(part.labels), pixels.SLICE_PIXELS)
+            outputs[ring] = torch.empty((rows, tables.dim), dtype=torch.float32)
         return features.sample_tables(tables, slots_of_images[part.image], part.ys, part.xs, cfg.image_size,
                                       out=outputs[ring])
 
@@ -440,7 +443,8 @@ def train_member(cfg: ExperimentConfig, store: FeatureStore, refs: list[ImageRef
                                  max_epochs=c.max_epochs, optimizer=c.optimizer, weight_decay=c.weight_decay,
                                  dropout=c.dropout, early_stop_start_epoch=start, patience=c.patience)
     memory.fix_malloc_thresholds()  # freed maps leave the process: the peak stays flat in the number of images
-    slice_features = _slice_sampler(cfg, store, slots=c.images_per_buffer)  # the images of the current buffer
+    # the images of the current buffer (a buffer never holds more than the training set)
+    slice_features = _slice_sampler(cfg, store, slots=min(c.images_per_buffer, len(refs)))
     labels = {r.entry: store.read_view_label(r.view, r.image_id, r.label_hash) for r in refs}
     entries = [r.entry for r in refs]
     seed = member_seed(cfg, index)

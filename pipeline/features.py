@@ -7,7 +7,8 @@ concatenation over maps of the map bilinearly upsampled to ``(size, size)`` with
 
 ``upsample_concat`` is the official computation (whole maps); ``sample_pixel_features`` gives the same
 values for chosen pixels only, without materialising the upsampled maps (``D x size x size`` float32 is
-2.2 GB for the official 256x256 setting with 3 steps).
+2.2 GB for the official 256x256 setting with 3 steps). ``MapTables`` hold the maps of several images (a training
+buffer) so that ``sample_tables`` samples pixels of any of them in one pass per map, bit for bit the same values.
 """
 
 from __future__ import annotations

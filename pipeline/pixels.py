@@ -50,6 +50,9 @@ def iterations_per_epoch(labelled_count: int, batch_size: int) -> int:
     return labelled_count // batch_size
 
 
+SLICE_PIXELS = 4096  # pixels whose features are built at once (138 MB at D = 8448)
+
+
 @dataclass(frozen=True)
 class PixelSlice:
     """The pixels of one slice of an epoch, in training order, all from the images of one buffer."""
@@ -112,7 +115,7 @@ def epoch_batches(
     epoch: int,
     seed: int,
     images_per_buffer: int = 4,
-    slice_pixels: int = 4096,
+    slice_pixels: int = SLICE_PIXELS,
     drop_last: bool = True,
     prefetch: bool = True,
 ) -> Iterator[tuple[Tensor, Tensor]]:
