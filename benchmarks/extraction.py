@@ -5,8 +5,8 @@
 - writes: `FeatureStore.write_features` of those activations into a fresh store (the write work alone);
 - ours: `flows.stages.extract_split` on a fresh store holding only the prepared views (plan, input reads, forwards,
   float16 cast, compression, zarr writes, commit markers).
-One untimed forward warms torch up first; each repetition runs bare then ours; the figure is
-min(ours) / min(bare) (the machine may be shared).
+One untimed forward warms torch up first; each repetition runs bare and ours, in alternating order; the figure
+is min(ours) / min(bare) (the machine may be shared), and the per-repetition ratios are reported too.
 """
 from __future__ import annotations
 
@@ -95,20 +95,25 @@ def run_extraction(workdir: Path, geometry: Geometry, n_images: int, repeats: in
     bare_s, build_s, ours_s, write_s, counts = [], [], [], [], {}
     ours_store = prepared
     for rep in range(repeats):
-        log(f"extraction: bare forwards ({len(jobs)} forwards), repetition {rep + 1}/{repeats}")
-        seconds, build, outputs = _bare(cfg, jobs, inputs)
-        bare_s.append(seconds)
-        build_s.append(build)
-        write_store = workdir / f"store-writes-{rep}"
-        shutil.copytree(prepared, write_store)
-        write_s.append(_writes(cfg, FeatureStore(str(write_store)), outputs))
-        del outputs
-        log(f"extraction: ours (flows.stages.extract_split), repetition {rep + 1}/{repeats}")
-        ours_store = workdir / f"store-ours-{rep}"
-        shutil.copytree(prepared, ours_store)
-        start = time.perf_counter()
-        counts = stages.extract_split(cfg, FeatureStore(str(ours_store)), refs, progress=False)
-        ours_s.append(time.perf_counter() - start)
+        # alternate which one runs first: a drift in the machine's speed then favours neither
+        order = ("bare", "ours") if rep % 2 == 0 else ("ours", "bare")
+        for which in order:
+            if which == "bare":
+                log(f"extraction: bare forwards ({len(jobs)} forwards), repetition {rep + 1}/{repeats}")
+                seconds, build, outputs = _bare(cfg, jobs, inputs)
+                bare_s.append(seconds)
+                build_s.append(build)
+                write_store = workdir / f"store-writes-{rep}"
+                shutil.copytree(prepared, write_store)
+                write_s.append(_writes(cfg, FeatureStore(str(write_store)), outputs))
+                del outputs
+            else:
+                log(f"extraction: ours (flows.stages.extract_split), repetition {rep + 1}/{repeats}")
+                ours_store = workdir / f"store-ours-{rep}"
+                shutil.copytree(prepared, ours_store)
+                start = time.perf_counter()
+                counts = stages.extract_split(cfg, FeatureStore(str(ours_store)), refs, progress=False)
+                ours_s.append(time.perf_counter() - start)
     if counts.get("unet_forwards") != len(jobs):
         raise RuntimeError(f"extract_split ran {counts.get('unet_forwards')} forwards, expected {len(jobs)}")
     ours, bare = min(ours_s), min(bare_s)
@@ -118,6 +123,7 @@ def run_extraction(workdir: Path, geometry: Geometry, n_images: int, repeats: in
         "torch_threads": extraction_threads(cfg),
         "ours_s": ours_s, "bare_s": bare_s, "build_s": build_s, "writes_only_s": write_s,
         "extraction_overhead_ratio": ours / bare,
+        "ratio_per_repetition": [o / b for o, b in zip(ours_s, bare_s)],
         "overhead_s": ours - bare,
         # the parts, each its minimum over repetitions (steadier than the difference of two noisy totals)
         "forward_s_per_image_step": (bare - min(build_s)) / (n_images * len(geometry.steps)),

@@ -190,6 +190,8 @@ def _extraction_section(ex: dict[str, Any], real: dict[str, Any] | None = None,
             f"{', '.join(_fmt(s) for s in ex['build_s'])} |",
             f"| the writes alone (FeatureStore.write_features of the same activations) | "
             f"{', '.join(_fmt(s) for s in ex['writes_only_s'])} |",
+            *([f"| ours / bare, per repetition (bare and ours run in alternating order) | "
+               f"{', '.join(_fmt(r) for r in ex['ratio_per_repetition'])} |"] if ex.get("ratio_per_repetition") else []),
             "", f"Overhead {_fmt(ex['overhead_s'])} s. Per image and step: a forward "
             f"{_fmt(ex['forward_s_per_image_step'])} s, "
             f"its writes {_fmt(ex['write_s_per_image_step'])} s ({_fmt(ex['fp16_bytes_per_image_step'] / 1e6)} MB of "
