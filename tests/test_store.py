@@ -191,6 +191,25 @@ def test_chunks_are_the_bytes_zarr_itself_writes(tmp_path, dtype):
     assert zarr.open_group(str(tmp_path / "own"))["g/x/arr"].attrs["k"] == 1  # the hierarchy lists it
 
 
+def test_arrays_written_by_earlier_versions_still_read(store):
+    # before the '.' chunk keys and the commit in the metadata document: zarr's default `c/0/0/0/0` chunk key and a
+    # `committed` attribute set after the data; such stores must read unchanged
+    maps = block_maps()
+    group = store._group(f"{UNIT.path}/{IMAGE}")
+    old = group.create_array("b05", shape=(1, *maps[5].shape), chunks=(1, *maps[5].shape), dtype="float16",
+                             fill_value=np.nan, dimension_names=("image", "channel", "y", "x"),
+                             attributes={"block": 5, "t": 50, "committed": None})
+    old[...] = maps[5].astype(np.float16)[None]
+    old.attrs.update({"committed": "2026-11-01T00:00:00Z"})
+    assert (array_dir(store, f"{UNIT.path}/{IMAGE}/b05") / "c" / "0" / "0" / "0" / "0").is_file()
+    store.write_features(UNIT, IMAGE, {8: maps[8]})  # a new block beside it, in today's layout
+    fresh = FeatureStore(store.location)
+    assert fresh.committed_blocks(UNIT, IMAGE) == {5, 8}
+    five, eight = fresh.read_maps([UNIT], IMAGE, [5, 8])
+    np.testing.assert_array_equal(five, maps[5].astype(np.float16))
+    np.testing.assert_allclose(eight.astype(np.float32), maps[8], rtol=1e-3, atol=1e-3)
+
+
 def test_uncommitted_array_with_stale_shape_is_replaced(store):
     group = store._group(f"{UNIT.path}/{IMAGE}")
     group.create_array("b05", shape=(1, 2, 2, 2), chunks=(1, 2, 2, 2), dtype="float16", fill_value=np.nan)
