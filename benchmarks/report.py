@@ -85,8 +85,8 @@ def markdown(results: dict[str, Any]) -> str:
     sx = d.get("extraction_stress", {})
     if sx:
         lines.append(f"| extraction time, stress: {sx['geometry']['name']} ({sx['forwards']} forwards, "
-                     f"{_fmt(_mb_per_forward_s(sx))} MB written per second of forward vs "
-                     f"{_fmt(_mb_per_forward_s(ex))} above) | {_fmt(_min(sx['ours_s']))} s | "
+                     f"{_fmt(mb_per_forward_s(sx))} MB written per second of forward vs "
+                     f"{_fmt(mb_per_forward_s(ex))} above) | {_fmt(_min(sx['ours_s']))} s | "
                      f"{_fmt(_min(sx['bare_s']))} s bare forwards | "
                      f"{_fmt(results.get('extraction_overhead_ratio_stress'))}x | (info) | |")
     tp = d.get("throughput", {})
@@ -161,7 +161,7 @@ def _store_section(d: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
-def _mb_per_forward_s(ex: dict[str, Any]) -> float | None:
+def mb_per_forward_s(ex: dict[str, Any]) -> float | None:
     """float16 MB written per second of bare forward (what the writes must keep up with)."""
     if not ex or not ex.get("forward_s_per_image_step"):
         return None
@@ -195,7 +195,7 @@ def _extraction_section(ex: dict[str, Any], real: dict[str, Any] | None = None,
             "", f"Overhead {_fmt(ex['overhead_s'])} s. Per image and step: a forward "
             f"{_fmt(ex['forward_s_per_image_step'])} s, "
             f"its writes {_fmt(ex['write_s_per_image_step'])} s ({_fmt(ex['fp16_bytes_per_image_step'] / 1e6)} MB of "
-            f"float16, {_fmt(_mb_per_forward_s(ex))} MB per second of forward); writes added serially to the forwards predict "
+            f"float16, {_fmt(mb_per_forward_s(ex))} MB per second of forward); writes added serially to the forwards predict "
             f"{_fmt(ex['serial_writes_ratio'])}x. The forward time varies several-fold with the load of a shared "
             f"machine (two torch threads on two cores), the write time much less: the ratio moves with it.", "",
             *real_lines]

@@ -34,6 +34,7 @@ from typing import Any
 if __package__ in (None, ""):  # `python benchmarks/run.py`: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks import report  # noqa: E402
 from benchmarks.common import log, machine_info  # noqa: E402
 from benchmarks.geometry import MID_EXTRACTION, OFFICIAL_AT_64, REAL, TOY, TOY_EXTRACTION, Geometry  # noqa: E402
 
@@ -72,14 +73,17 @@ TOY_PLAN = Plan("toy", TOY, (5, 20), (1, 2), (2, 3), 400, 2, 600, TOY_EXTRACTION
                 stress_extraction_geometry=TOY_EXTRACTION)
 
 
+def _figures(extraction: dict[str, Any]) -> dict[str, Any]:
+    """An extraction result without its paths (what the JSON carries)."""
+    return {k: v for k, v in extraction.items() if k not in ("store_dir", "image_ids", "unit_paths")}
+
+
 def run_benchmarks(plan: Plan, workdir: Path, only: tuple[str, ...] = BENCHMARKS, command: str = "",
                    memory_runner=None) -> dict[str, Any]:
     """Run the selected benchmarks of `plan` under `workdir`; returns the results (the JSON object).
 
     A benchmark that fails is recorded under "errors" (its figures stay None) and the others still run.
     memory_runner: how figure 1 runs a child (default benchmarks.common.run_child, a fresh process)."""
-    from benchmarks import report
-
     unknown = set(only) - set(BENCHMARKS)
     if unknown:
         raise ValueError(f"unknown benchmark(s) {sorted(unknown)}; expected some of {BENCHMARKS}")
@@ -136,7 +140,7 @@ def run_benchmarks(plan: Plan, workdir: Path, only: tuple[str, ...] = BENCHMARKS
 
         ex = run_extraction(workdir / "extraction", plan.extraction_geometry, plan.extraction_images,
                             plan.extraction_repeats)
-        details["extraction"] = {k: v for k, v in ex.items() if k not in ("store_dir", "image_ids", "unit_paths")}
+        details["extraction"] = _figures(ex)
         results["extraction_overhead_ratio"] = ex["extraction_overhead_ratio"]
         real_store = store_size(Path(ex["store_dir"]), ex["unit_paths"], ex["image_ids"], plan.extraction_geometry,
                                 REAL)
@@ -145,13 +149,11 @@ def run_benchmarks(plan: Plan, workdir: Path, only: tuple[str, ...] = BENCHMARKS
         if plan.stress_extraction_geometry is not None:
             stress = run_extraction(workdir / "extraction-stress", plan.stress_extraction_geometry,
                                     2 * plan.extraction_images, plan.extraction_repeats + 1)
-            details["extraction_stress"] = {k: v for k, v in stress.items()
-                                            if k not in ("store_dir", "image_ids", "unit_paths")}
+            details["extraction_stress"] = _figures(stress)
             results["extraction_overhead_ratio_stress"] = stress["extraction_overhead_ratio"]
         if plan.extraction_real_unet:
             real = run_extraction(workdir / "extraction-real-unet", REAL.with_steps(REAL.steps[:1]), 1, 1)
-            details["extraction_real_unet"] = {k: v for k, v in real.items()
-                                               if k not in ("store_dir", "image_ids", "unit_paths")}
+            details["extraction_real_unet"] = _figures(real)
             results["extraction_overhead_ratio_real_unet"] = real["extraction_overhead_ratio"]
 
     def throughput_figure() -> None:
@@ -225,7 +227,7 @@ def findings(results: dict[str, Any]) -> list[str]:
         ex = d.get(name)
         if not ex:
             continue
-        mb_per_s = ex["fp16_bytes_per_image_step"] / 1e6 / ex["forward_s_per_image_step"]
+        mb_per_s = report.mb_per_forward_s(ex)
         notes.append(f"{label} ({ex['geometry']['name']}): per image and step, FeatureStore.write_features takes "
                      f"{ex['write_s_per_image_step']:.4f} s against {ex['forward_s_per_image_step']:.3f} s for the "
                      f"forward ({mb_per_s:.1f} MB of float16 per second of forward); the writes run in a writer "
@@ -277,9 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if not args.keep and args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
-    from benchmarks.report import markdown
-
-    text = markdown(results)
+    text = report.markdown(results)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     log(f"wrote {args.out}")

@@ -283,16 +283,15 @@ def _extract_jobs(cfg: ExperimentConfig, store: FeatureStore, jobs: list[Forward
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ddpmseg-write") as writer:
         pending = None
-        batch_inputs = None
+        inputs_of = None  # (view, image ids) whose inputs x0 holds
         try:
             for job in tqdm(jobs, desc=desc, unit="fwd", disable=not progress):
                 unit = unit_for(cfg, job.t, job.view)
                 store.ensure_unit(unit, {**provenance, "t": job.t, "view": job.view})
                 ids = list(job.image_ids)
-                if batch_inputs is None or batch_inputs[0] != (job.view, job.image_ids):  # read once per batch
+                if inputs_of != (job.view, job.image_ids):  # a batch's jobs are consecutive: read once per batch
                     x0 = torch.stack([torch.from_numpy(store.read_view_input(job.view, i)) for i in ids]).to(device)
-                    batch_inputs = ((job.view, job.image_ids), x0)
-                x0 = batch_inputs[1]
+                    inputs_of = (job.view, job.image_ids)
                 if cfg.model.kind == "rgb":
                     acts = {0: rgb_features(x0.cpu())}
                 else:
@@ -343,10 +342,16 @@ def _build_backbone(cfg: ExperimentConfig, device: torch.device):
 
 
 # -- train ---------------------------------------------------------------------------------------------------------
+def _read_entry_maps(cfg: ExperimentConfig, store: FeatureStore, entry: str) -> list[torch.Tensor]:
+    """entry '<view>/<image_id>' -> that image's maps in the official order (float16, as stored)."""
+    view, image_id = entry.split("/")
+    units = [unit_for(cfg, t, view) for t in cfg.features.steps]
+    return [torch.from_numpy(m) for m in store.read_maps(units, image_id, cfg.sorted_blocks)]
+
+
 def _map_reader(cfg: ExperimentConfig, store: FeatureStore, cache_size: int) -> Callable[[str], list[torch.Tensor]]:
     """entry '<view>/<image_id>' -> that image's maps in the official order, a few images cached, as float32
     channels-last (features.sampling_maps: sampled in place, 2x the float16 size)."""
-    blocks = cfg.sorted_blocks
     cache: dict[str, list[torch.Tensor]] = {}
 
     def maps_of(entry: str) -> list[torch.Tensor]:
@@ -354,10 +359,7 @@ def _map_reader(cfg: ExperimentConfig, store: FeatureStore, cache_size: int) -> 
             if len(cache) >= cache_size:
                 cache.pop(next(iter(cache)))
                 memory.release_free_memory()  # the evicted maps' pages, wherever the heaps hold them
-            view, image_id = entry.split("/")
-            units = [unit_for(cfg, t, view) for t in cfg.features.steps]
-            maps = [torch.from_numpy(m) for m in store.read_maps(units, image_id, blocks)]
-            cache[entry] = features.sampling_maps(maps)
+            cache[entry] = features.sampling_maps(_read_entry_maps(cfg, store, entry))
         return cache[entry]
 
     return maps_of
@@ -370,16 +372,10 @@ def _slice_sampler(cfg: ExperimentConfig, store: FeatureStore, slots: int) -> Ca
     slice first needs it; each slice is then sampled with one fused op per map, in slice order, into one of two
     full-size slice buffers (allocated once: no page faults per slice, a footprint that does not grow with the
     number of images or epochs)."""
-    blocks = cfg.sorted_blocks
     tables: features.MapTables | None = None
     slot_of: dict[str, int] = {}  # entry '<view>/<image_id>' -> its slot
     outputs: list[torch.Tensor | None] = [None, None]  # two slice buffers used in turn (epoch_batches allows it)
     calls = 0
-
-    def read(entry: str) -> list[torch.Tensor]:
-        view, image_id = entry.split("/")
-        units = [unit_for(cfg, t, view) for t in cfg.features.steps]
-        return [torch.from_numpy(m) for m in store.read_maps(units, image_id, blocks)]
 
     def slice_features(part: pixels.PixelSlice) -> torch.Tensor:
         nonlocal tables, calls
@@ -388,7 +384,7 @@ def _slice_sampler(cfg: ExperimentConfig, store: FeatureStore, slots: int) -> Ca
             free = [slot for slot in range(slots) if slot not in kept.values()]
             for entry in part.images:
                 if entry not in kept:
-                    maps = read(entry)
+                    maps = _read_entry_maps(cfg, store, entry)
                     if tables is None:
                         tables = features.map_tables([tuple(m.shape) for m in maps], slots)
                     kept[entry] = free.pop(0)
