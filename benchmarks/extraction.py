@@ -3,7 +3,7 @@
 - bare: build the backbone as the stage does, then `pipeline.backbone.extract_blocks` for exactly the stage's
   forward jobs (same batches, timesteps, noise, blocks), inputs already in memory, nothing written;
 - writes: `FeatureStore.write_features` of those activations into a fresh store (the write work alone);
-- ours: `flows.stages.extract_split` on a fresh store holding only the prepared views (plan, input reads, forwards,
+- ours: `flows.extract_stage.extract_split` on a fresh store holding only the prepared views (plan, input reads, forwards,
   float16 cast, compression, zarr writes, commit markers).
 One untimed forward warms torch up first; each repetition runs bare and ours, in alternating order; the figure
 is min(ours) / min(bare) (the machine may be shared), and the per-repetition ratios are reported too.
@@ -19,9 +19,11 @@ from typing import Any
 import torch
 
 from benchmarks.common import log
-from flows.stages import torch_threads
+from pipeline.threads import torch_threads
 from benchmarks.geometry import Geometry
-from flows import stages
+from flows import extract as extract_stage
+from flows import prepare as prepare_stage
+from flows import stage_keys
 from pipeline import backbone as bb
 from pipeline import synthetic
 from pipeline.config import ExperimentConfig
@@ -48,16 +50,16 @@ def extraction_threads(cfg: ExperimentConfig) -> int:
     return getattr(cfg.features, "cpu_threads", None) or os.cpu_count() or 1
 
 
-def _bare(cfg: ExperimentConfig, jobs: list[stages.ForwardJob], inputs: dict[str, torch.Tensor]):
+def _bare(cfg: ExperimentConfig, jobs: list[extract_stage.ForwardJob], inputs: dict[str, torch.Tensor]):
     """Build + forwards only, on extract_split's thread count; returns (seconds, build s, [(job, activations)])."""
     with torch_threads(extraction_threads(cfg)):
         return _bare_forwards(cfg, jobs, inputs)
 
 
-def _bare_forwards(cfg: ExperimentConfig, jobs: list[stages.ForwardJob], inputs: dict[str, torch.Tensor]):
+def _bare_forwards(cfg: ExperimentConfig, jobs: list[extract_stage.ForwardJob], inputs: dict[str, torch.Tensor]):
     start = time.perf_counter()
     device = bb.resolve_device(cfg.features.device)
-    model, diffusion = stages._load_backbone(cfg, device)  # the stage's own (per-process cached) build
+    model, diffusion = extract_stage._load_backbone(cfg, device)  # the stage's own (per-process cached) build
     built = time.perf_counter()
     outputs = []
     for job in jobs:
@@ -72,7 +74,7 @@ def _bare_forwards(cfg: ExperimentConfig, jobs: list[stages.ForwardJob], inputs:
 def _writes(cfg: ExperimentConfig, store: FeatureStore, outputs) -> float:
     start = time.perf_counter()
     for job, acts in outputs:
-        unit = stages.unit_for(cfg, job.t)
+        unit = stage_keys.unit_for(cfg, job.t)
         store.ensure_unit(unit, {"t": job.t})
         for j, image_id in enumerate(job.image_ids):
             store.write_features(unit, image_id, {b: acts[b][j].numpy() for b in job.blocks})
@@ -85,9 +87,9 @@ def run_extraction(workdir: Path, geometry: Geometry, n_images: int, repeats: in
     synthetic.write_dataset(data_dir, n_train=n_images, n_test=1, size=geometry.image_size, seed=0)
     prepared = workdir / "store-prepared"
     cfg = extraction_config(geometry, data_dir, n_images, prepared)
-    refs = stages.prepare_split(cfg, FeatureStore(str(prepared)), "train")
-    jobs = stages.extract_plan(cfg, FeatureStore(str(prepared)), refs)
-    inputs = {r.image_id: torch.from_numpy(FeatureStore(str(prepared)).read_view_input(stages.BASE_VIEW, r.image_id))
+    refs = prepare_stage.prepare_split(cfg, FeatureStore(str(prepared)), "train")
+    jobs = extract_stage.extract_plan(cfg, FeatureStore(str(prepared)), refs)
+    inputs = {r.image_id: torch.from_numpy(FeatureStore(str(prepared)).read_view_input(stage_keys.BASE_VIEW, r.image_id))
               for r in refs}
 
     log("extraction: warm-up (one untimed forward)")
@@ -108,11 +110,11 @@ def run_extraction(workdir: Path, geometry: Geometry, n_images: int, repeats: in
                 write_s.append(_writes(cfg, FeatureStore(str(write_store)), outputs))
                 del outputs
             else:
-                log(f"extraction: ours (flows.stages.extract_split), repetition {rep + 1}/{repeats}")
+                log(f"extraction: ours (flows.extract.extract_split), repetition {rep + 1}/{repeats}")
                 ours_store = workdir / f"store-ours-{rep}"
                 shutil.copytree(prepared, ours_store)
                 start = time.perf_counter()
-                counts = stages.extract_split(cfg, FeatureStore(str(ours_store)), refs, progress=False)
+                counts = extract_stage.extract_split(cfg, FeatureStore(str(ours_store)), refs, progress=False)
                 ours_s.append(time.perf_counter() - start)
     if counts.get("unet_forwards") != len(jobs):
         raise RuntimeError(f"extract_split ran {counts.get('unet_forwards')} forwards, expected {len(jobs)}")
@@ -130,6 +132,6 @@ def run_extraction(workdir: Path, geometry: Geometry, n_images: int, repeats: in
         "write_s_per_image_step": min(write_s) / (n_images * len(geometry.steps)),
         "serial_writes_ratio": (bare + min(write_s)) / bare,
         "fp16_bytes_per_image_step": 2 * geometry.values_per_step,
-        "store_dir": str(ours_store), "unit_paths": [stages.unit_for(cfg, t).path for t in geometry.steps],
+        "store_dir": str(ours_store), "unit_paths": [stage_keys.unit_for(cfg, t).path for t in geometry.steps],
         "image_ids": [r.image_id for r in refs],
     }

@@ -1,7 +1,7 @@
 """Figure 1: peak RSS of the training stage vs the number of training images N, ours vs the official path.
 
 Each (path, N) runs in a fresh child process (`python -m benchmarks.memory ours|official MANIFEST N`) that
-reports its own peak RSS (VmHWM). Ours: the real stage, flows.stages.train_member, one member, one epoch over
+reports its own peak RSS (VmHWM). Ours: the real stage, flows.train_stage.train_member, one member, one epoch over
 every labelled pixel of the N images (streamed from the synthetic store). Official: benchmarks.official
 (prepare_data: the (N, D, H, W) float32 tensor, its (N*H*W, D) copy, the labelled copy; then the DataLoader
 training of one member for one epoch).
@@ -29,16 +29,17 @@ MEMORY_MARGIN_MB = 3000  # left free on the machine when deciding whether an off
 def ours_child(manifest_root: str, n: int) -> dict[str, Any]:
     """Train one member from the store with the real stage code; returns peak RSS and counts."""
     from benchmarks.synthetic_store import load_synthetic_store
-    from flows import stages
+    from flows import stage_keys
+    from flows import train as train_stage
 
     syn = load_synthetic_store(Path(manifest_root))
     refs = syn.refs[:n]
     cfg = syn.cfg(n_images=n)
     store = syn.store()
-    key = stages.train_key(cfg, refs)
+    key = stage_keys.train_key(cfg, refs)
     base = current_rss_mb()
     start = time.perf_counter()
-    info = stages.train_member(cfg, store, refs, key, 0, progress=False)
+    info = train_stage.train_member(cfg, store, refs, key, 0, progress=False)
     seconds = time.perf_counter() - start
     if not info.get("ran"):
         raise BenchmarkError(f"member already committed for N={n}: the benchmark store is not fresh")
@@ -53,7 +54,8 @@ def official_child(manifest_root: str, n: int, n_steps: int) -> dict[str, Any]:
 
     from benchmarks import official
     from benchmarks.synthetic_store import load_synthetic_store
-    from flows import stages
+    from flows import stage_keys
+    from flows import train as train_stage
     from pipeline import classifier as clf
 
     syn = load_synthetic_store(Path(manifest_root))
@@ -61,8 +63,8 @@ def official_child(manifest_root: str, n: int, n_steps: int) -> dict[str, Any]:
     cfg = syn.cfg(n_images=n)
     store = syn.store()
     steps = list(cfg.features.steps)[:n_steps]
-    units = [stages.unit_for(cfg, t) for t in steps]
-    labels = {r.image_id: store.read_view_label(stages.BASE_VIEW, r.image_id, r.label_hash) for r in refs}
+    units = [stage_keys.unit_for(cfg, t) for t in steps]
+    labels = {r.image_id: store.read_view_label(stage_keys.BASE_VIEW, r.image_id, r.label_hash) for r in refs}
 
     def maps_of(image_id: str) -> list[torch.Tensor]:
         return [torch.from_numpy(m) for m in store.read_maps(units, image_id, cfg.sorted_blocks)]
@@ -78,7 +80,7 @@ def official_child(manifest_root: str, n: int, n_steps: int) -> dict[str, Any]:
                                  max_epochs=c.max_epochs)
     torch.manual_seed(0)
     _, info = official.train_member_in_memory(settings, official.official_loader_batches(X, y, c.batch_size),
-                                              seed=stages.member_seed(cfg, 0))
+                                              seed=train_stage.member_seed(cfg, 0))
     return {"path": "official", "n": n, "steps": len(steps), "dim": dim, "peak_rss_mb": peak_rss_mb(),
             "rss_before_training_mb": base, "prepare_s": prepare_s, "train_s": time.perf_counter() - start,
             "labelled_pixels": int(len(y)), "iterations": info["iterations"]}

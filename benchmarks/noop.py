@@ -49,7 +49,7 @@ print(json.dumps({"import_s": imported - start, "first_flow_s": time.perf_counte
 
 def write_small_experiment(root: Path) -> Path:
     """The demo data set (3 train, 2 test images, 32 px), the tiny random UNet, one step, one member."""
-    from flows.cli import tiny_config
+    from tests.tiny import tiny_config
     from pipeline import synthetic
 
     root = Path(root)
@@ -97,7 +97,9 @@ def _last_json(stdout: str) -> dict[str, Any]:
 def direct_noop(config_path: str) -> dict[str, Any]:
     """The no-op freshness checks of `ddpmseg run` without Prefect; returns what is left to do."""
     start = time.perf_counter()
-    from flows import stages
+    from flows import extract as extract_stage
+    from flows import prepare as prepare_stage
+    from flows import stage_keys
     from pipeline.config import load_config
     from storage import artifacts
     from storage.features import FeatureStore
@@ -107,13 +109,13 @@ def direct_noop(config_path: str) -> dict[str, Any]:
     cfg = load_config(config_path)
     loc = StoreLocation.parse(cfg.store)
     store = FeatureStore(loc)
-    train = stages.prepare_split(cfg, store, "train")
-    test = stages.prepare_split(cfg, store, "test")
-    forwards = len(stages.extract_plan(cfg, store, train)) + len(stages.extract_plan(cfg, store, test))
-    tkey = stages.train_key(cfg, train)
-    members = sum(not artifacts.member_committed(loc, stages.members_key(tkey), i)
+    train = prepare_stage.prepare_split(cfg, store, "train")
+    test = prepare_stage.prepare_split(cfg, store, "test")
+    forwards = len(extract_stage.extract_plan(cfg, store, train)) + len(extract_stage.extract_plan(cfg, store, test))
+    tkey = stage_keys.train_key(cfg, train)
+    members = sum(not artifacts.member_committed(loc, stage_keys.members_key(tkey), i)
                   for i in range(cfg.classifier.model_num))
-    ekey = stages.evaluate_key(cfg, tkey, test)
+    ekey = stage_keys.evaluate_key(cfg, tkey, test)
     evaluated = artifacts.read_record(loc, "evaluate", ekey.value) is not None
     return {"import_s": imported - start, "checks_s": time.perf_counter() - imported,
             "forwards_left": forwards, "members_left": members, "evaluated": evaluated,

@@ -125,7 +125,7 @@ def _memory_section(mem: dict[str, Any], results: dict[str, Any]) -> list[str]:
              "| path | N | D | peak RSS (MB) | RSS before training (MB) | labelled pixels | seconds |",
              "|---|---|---|---|---|---|---|"]
     for r in mem.get("ours", []):
-        lines.append(f"| ours (flows.stages.train_member) | {r['n']} | {results['geometry']['feature_dim']} | "
+        lines.append(f"| ours (flows.train.train_member) | {r['n']} | {results['geometry']['feature_dim']} | "
                      f"{_fmt(r['peak_rss_mb'])} | {_fmt(r['rss_before_training_mb'])} | {r['pixels']} trained | "
                      f"{_fmt(r['train_s'])} |")
     for r in mem.get("official", []):
@@ -184,7 +184,7 @@ def _extraction_section(ex: dict[str, Any], real: dict[str, Any] | None = None,
             f"{ex['batch_size']}, {ex['forwards']} forwards on {ex['device']} ({ex.get('torch_threads')} torch "
             f"threads, as extract_split); times per repetition (the ratio uses the minimum of each).", "",
             "| | seconds |", "|---|---|",
-            f"| ours: flows.stages.extract_split | {', '.join(_fmt(s) for s in ex['ours_s'])} |",
+            f"| ours: flows.extract.extract_split | {', '.join(_fmt(s) for s in ex['ours_s'])} |",
             f"| bare: backbone build + extract_blocks, nothing written | {', '.join(_fmt(s) for s in ex['bare_s'])} |",
             f"| of which backbone build (the stage caches it per process; built in the warm-up) | "
             f"{', '.join(_fmt(s) for s in ex['build_s'])} |",
@@ -211,7 +211,7 @@ def _throughput_section(tp: dict[str, Any]) -> list[str]:
             f"(the stage trains on one). With prefetch (the stage's default) a second thread reads and samples the "
             f"next slice of pixels while the MLP trains.", "",
             "| loader | seconds | labelled px/s |", "|---|---|---|",
-            f"| streaming from the store (flows.stages.train_member, prefetch) | {_fmt(tp['streaming_s'])} | "
+            f"| streaming from the store (flows.train.train_member, prefetch) | {_fmt(tp['streaming_s'])} | "
             f"{_fmt(tp['streaming_px_per_s'])} |",
             f"| streaming from the store, prefetch=False (one thread) | {_fmt(tp['streaming_no_prefetch_s'])} | "
             f"{_fmt(tp['streaming_no_prefetch_px_per_s'])} |",

@@ -9,7 +9,7 @@ training) in the same run, on the same data:
 1. training memory: peak RSS of the training stage vs N training images (fresh process per point), at the real
    feature geometry from a synthetic store; the official path measured where it fits, extrapolated beyond;
 2. store size per image and timestep vs the upsampled float32 features of the official path;
-3. extraction (flows.stages.extract_split) vs bare UNet forwards on the same inputs, on a CPU-sized UNet;
+3. extraction (flows.extract_stage.extract_split) vs bare UNet forwards on the same inputs, on a CPU-sized UNet;
 4. labelled pixels per second through one member's training, streaming from the store vs in memory;
 5. wall time of a second `ddpmseg run` of an unchanged small config, and how much of it is Prefect.
 
@@ -126,10 +126,11 @@ def run_benchmarks(plan: Plan, workdir: Path, only: tuple[str, ...] = BENCHMARKS
 
     def store_figure() -> None:
         from benchmarks.store_size import store_size
-        from flows import stages
+        from flows import extract as extract_stage
+        from flows import stage_keys
 
         cfg = syn.cfg()
-        st = store_size(syn.store_dir, [stages.unit_for(cfg, t).path for t in geo.steps],
+        st = store_size(syn.store_dir, [stage_keys.unit_for(cfg, t).path for t in geo.steps],
                         [r.image_id for r in syn.refs], geo, REAL)
         details["store_synthetic"] = st
         results["store_ratio_vs_upsampled_fp32"] = st["ratio_own_geometry"]

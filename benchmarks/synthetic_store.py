@@ -1,7 +1,7 @@
 """A feature store at a given geometry filled with synthetic values (no UNet forwards), and its experiment.
 
 The store is written with the project's own writers (FeatureStore.write_view / write_features) under the unit
-names the stages use (flows.stages.unit_for), so flows.stages.train_member reads it exactly as it reads an
+names the stages use (flows.stage_keys.unit_for), so flows.train_stage.train_member reads it exactly as it reads an
 extracted store. A manifest (JSON beside the store) holds the experiment config and the image refs, so a child
 process can rebuild both.
 
@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from benchmarks.geometry import Geometry
-from flows import stages
+from flows import stage_keys
+from flows import train as train_stage
 from pipeline.config import ExperimentConfig
 from pipeline.datasets import apply_small_annotation_rule
 from storage.features import FeatureStore
@@ -74,7 +75,7 @@ class SyntheticStore:
 
     store_dir: Path
     config: dict[str, Any]
-    refs: list[stages.ImageRef]
+    refs: list[stage_keys.ImageRef]
     seconds: float
 
     def cfg(self, n_images: int | None = None, classifier: dict[str, Any] | None = None) -> ExperimentConfig:
@@ -103,21 +104,21 @@ def write_synthetic_store(root: Path, geometry: Geometry, labelled_pixels: list[
     cfg = ExperimentConfig.model_validate(config)
     store = FeatureStore(str(store_dir))
     size = geometry.image_size
-    units = {t: stages.unit_for(cfg, t) for t in geometry.steps}
+    units = {t: stage_keys.unit_for(cfg, t) for t in geometry.steps}
     for t, unit in units.items():
         store.ensure_unit(unit, {"synthetic": True, "t": t})
     refs = []
     for i in range(n_images):
         rng = np.random.default_rng([seed, i])
         image = torch.from_numpy(rng.uniform(-1, 1, size=(3, size, size)).astype(np.float32))
-        image_id = stages.image_id_of(image)
+        image_id = stage_keys.image_id_of(image)
         label = blob_label(rng, size, number_class, labelled_pixels[i])
         label_hash = array_digest(label)[:20]
-        store.write_view(stages.BASE_VIEW, image_id, image.numpy(), label, label_hash, {"image_size": size})
+        store.write_view(stage_keys.BASE_VIEW, image_id, image.numpy(), label, label_hash, {"image_size": size})
         for t, unit in units.items():
             maps = {b: rng.standard_normal(shape, dtype=np.float32) for b, shape in geometry.block_shapes.items()}
             store.write_features(unit, image_id, maps)
-        refs.append(stages.ImageRef(image_id, label_hash, f"synthetic{i:03d}"))
+        refs.append(stage_keys.ImageRef(image_id, label_hash, f"synthetic{i:03d}"))
     result = SyntheticStore(store_dir, config, refs, time.perf_counter() - start)
     (root / MANIFEST).write_text(json.dumps({"config": config, "refs": [asdict(r) for r in refs],
                                              "seconds": result.seconds}))
@@ -131,6 +132,6 @@ def load_synthetic_store(root: Path) -> SyntheticStore:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise FileNotFoundError(f"{path}: no benchmark manifest (write_synthetic_store writes it): {err}") from err
-    refs = [stages.ImageRef(**{k: v for k, v in r.items() if k in ("image_id", "label_hash", "stem")})
+    refs = [stage_keys.ImageRef(**{k: v for k, v in r.items() if k in ("image_id", "label_hash", "stem")})
             for r in data["refs"]]
     return SyntheticStore(Path(data["config"]["store"]), data["config"], refs, data["seconds"])

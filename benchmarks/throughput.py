@@ -1,6 +1,6 @@
 """Figure 4: labelled pixels per second through one member's training (one epoch), streaming vs in memory.
 
-- streaming: flows.stages.train_member from the synthetic store at the real geometry (read maps through dask,
+- streaming: flows.train_stage.train_member from the synthetic store at the real geometry (read maps through dask,
   sample each labelled pixel's features from the native maps, buffered shuffle, MLP steps);
 - in memory: the same labelled pixels' features (same values) held as one (P, D) float32 tensor, trained with
   the same loop (pipeline.classifier.train_member) fed by (a) a global shuffle cut by tensor indexing (the
@@ -10,7 +10,7 @@ The training images are fully labelled, as in the paper's data sets (every pixel
 class), so the per-image read is amortised over 65,536 pixels as in real training.
 A short warm-up (a training and one store read) runs first so that no path pays torch's one-off
 first-optimizer-step cost or dask's first-compute imports. Everything
-runs on TRAIN_THREADS torch threads, as flows.stages.train_member trains (it pins one thread): the comparison is
+runs on TRAIN_THREADS torch threads, as flows.train_stage.train_member trains (it pins one thread): the comparison is
 between data paths, not thread counts.
 The streaming time is broken down by timing, inside the streaming run, the stage's calls of FeatureStore.read_maps
 (per image) and features.sample_tables (per slice); the rest is the MLP steps, shuffling and
@@ -28,14 +28,15 @@ import torch
 
 from benchmarks import official
 from benchmarks.common import log
-from flows.stages import torch_threads
+from pipeline.threads import torch_threads
 from benchmarks.synthetic_store import SyntheticStore
-from flows import stages
+from flows import stage_keys
+from flows import train as train_stage
 from pipeline import classifier as clf
 from pipeline import features, pixels
 
 THROUGHPUT_SEED = 7919  # classifier seed of this benchmark: a train key of its own, never a member of figure 1
-TRAIN_THREADS = 1  # flows.stages.train_member trains inside torch_threads(1)
+TRAIN_THREADS = 1  # flows.train_stage.train_member trains inside torch_threads(1)
 
 
 def _warm_up(dim: int, number_class: int, read_once) -> None:
@@ -81,18 +82,18 @@ def _run_throughput(syn: SyntheticStore, first: int, n_images: int) -> dict[str,
     cfg = syn.cfg(n_images=n_images, classifier={"seed": THROUGHPUT_SEED})
     store = syn.store()
     c, d = cfg.classifier, cfg.dataset
-    units = [stages.unit_for(cfg, t) for t in cfg.features.steps]
-    dim = stages.feature_dim(cfg, store, refs[0].image_id)
+    units = [stage_keys.unit_for(cfg, t) for t in cfg.features.steps]
+    dim = train_stage.feature_dim(cfg, store, refs[0].image_id)
     _warm_up(dim, d.number_class, lambda: store.read_maps(units[:1], refs[0].image_id, cfg.sorted_blocks[:1]))
 
-    key = stages.train_key(cfg, refs)
+    key = stage_keys.train_key(cfg, refs)
     runs = {}
     for index, prefetch in ((0, True), (1, False)):
         log(f"throughput: streaming from the store ({n_images} images, prefetch={prefetch})")
         timers = {"read_maps": 0.0, "sample_tables": 0.0}
         start = time.perf_counter()
         with timed_calls(store, timers):
-            info = stages.train_member(cfg, store, refs, key, index, progress=False, prefetch=prefetch)
+            info = train_stage.train_member(cfg, store, refs, key, index, progress=False, prefetch=prefetch)
         seconds = time.perf_counter() - start
         if not info.get("ran"):
             raise RuntimeError("throughput: the member was already trained in this store (the store is not fresh)")
@@ -103,7 +104,7 @@ def _run_throughput(syn: SyntheticStore, first: int, n_images: int) -> dict[str,
     log("throughput: building the in-memory features of the same pixels")
     Xs, ys = [], []
     for r in refs:
-        label = store.read_view_label(stages.BASE_VIEW, r.image_id, r.label_hash)
+        label = store.read_view_label(stage_keys.BASE_VIEW, r.image_id, r.label_hash)
         py, px, classes = pixels.labelled_pixels(label, d.ignore_label)
         maps = [torch.from_numpy(m) for m in store.read_maps(units, r.image_id, cfg.sorted_blocks)]
         Xs.append(features.sample_pixel_features(maps, torch.from_numpy(py), torch.from_numpy(px), cfg.image_size))
@@ -113,7 +114,7 @@ def _run_throughput(syn: SyntheticStore, first: int, n_images: int) -> dict[str,
     del Xs
     settings = clf.TrainSettings(number_class=d.number_class, dim=dim, lr=c.lr, batch_size=c.batch_size,
                                  max_epochs=1)
-    seed = stages.member_seed(cfg, 0)
+    seed = train_stage.member_seed(cfg, 0)
 
     log(f"throughput: in memory, tensor-index loader ({len(y)} pixels)")
     start = time.perf_counter()

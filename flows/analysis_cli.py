@@ -64,10 +64,10 @@ def add_analysis_commands(subparsers: Any) -> None:
 
 
 def _prepare(args: argparse.Namespace):
-    from flows.cli import _prefect_defaults
+    from flows.runner import prefect_defaults
     from pipeline.config import load_config
 
-    _prefect_defaults()
+    prefect_defaults()
     return load_config(args.config)  # validate before starting Prefect
 
 

@@ -11,21 +11,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 import yaml
 
+from flows.runner import prefect_defaults, run_config, store_url
+
 EXIT_USER_ERROR = 2
-
-
-def _prefect_defaults() -> None:
-    """Embedded default: Prefect's ephemeral local server, no telemetry, quiet unless asked."""
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-    os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -56,65 +50,11 @@ def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
         print(f"masks       {summary['masks_path']}")
 
 
-def run_config(config_path: str | Path, store: str | None = None, stages: tuple[str, ...] = ("extract", "train",
-               "evaluate"), progress: bool = True, read_only: bool = False,
-               dask_address: str | None = None, always_flow: bool = False) -> dict[str, Any]:
-    """Validate a config and run the segment flow on it; returns the flow's summary.
-
-    When nothing would change (every stage fresh in the store, outputs and lock file up to date: see
-    flows/fastpath.py) the flow is not started and the summary it would have returned comes back with
-    "flow_run": None. always_flow: run the flow anyway (so the run is recorded in Prefect)."""
-    _prefect_defaults()
-    from pipeline.config import load_config
-
-    cfg = load_config(config_path)  # validate before starting Prefect: a bad file fails fast
-    store_url = _store_url(store) if store else cfg.store
-    if not always_flow:
-        from flows import fastpath
-
-        summary, _ = fastpath.check(cfg, store_url, tuple(stages), read_only)
-        if summary is not None:
-            return summary
-    from flows.segment import segment_on
-
-    dask_address = dask_address or os.environ.get("DDPMSEG_DASK_ADDRESS") or None
-    return segment_on(dask_address)(str(Path(config_path).resolve()), store_url, list(stages), progress, read_only,
-                                    parallel=bool(dask_address))
-
-
-def _store_url(url: str) -> str:
-    from storage.location import StoreLocation
-
-    return StoreLocation.parse(url).url
-
-
 def cmd_run(args: argparse.Namespace, stages: tuple[str, ...]) -> int:
     summary = run_config(args.config, args.store, stages, progress=not args.quiet, read_only=args.read_only,
                          dask_address=args.dask_address, always_flow=args.always_flow)
     _print_summary(summary, args.json)
     return 0
-
-
-def tiny_config(out: Path, size: int = 32) -> dict[str, Any]:
-    """A small experiment on the generated data set with a tiny randomly initialised UNet (tests, benchmarks)."""
-    from pipeline.backbone import TINY_MODEL_FLAGS
-    from pipeline.config import OFFICIAL_FLAGS
-    from pipeline import synthetic
-
-    flags = {k: v for k, v in TINY_MODEL_FLAGS.items() if k in OFFICIAL_FLAGS and OFFICIAL_FLAGS[k] != v}
-    flags["image_size"] = size
-    return {
-        "recipe": "paper",
-        "dataset": {"name": "synthetic", "train_dir": "data/train", "test_dir": "data/test",
-                    "number_class": len(synthetic.CLASS_NAMES), "ignore_label": synthetic.IGNORE_LABEL,
-                    "training_number": 10, "testing_number": 20, "class_names": list(synthetic.CLASS_NAMES),
-                    "palette": [list(c) for c in synthetic.PALETTE]},
-        "model": {"random_init": True, "init_seed": 0, "flags": flags},
-        "features": {"steps": [50, 150, 250], "blocks": [1, 2, 3, 4], "batch_size": 10},
-        "classifier": {"model_num": 10},
-        "store": "store",
-        "output_dir": ".",
-    }
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -212,14 +152,14 @@ def cmd_store(args: argparse.Namespace) -> int:
             print(f"{len(problems)} problem(s) {verb}" if problems else "store OK: every chunk and marker checked")
         return 1 if problems and not args.repair else 0
     if args.store_cmd == "gc":
-        from flows import stages as st
+        from flows import references
         from pipeline.config import load_config
 
         configs = [load_config(c) for c in args.configs]
         store = _open_store(args.url or configs[0].store)
         refs = maintenance.References()
         for cfg in configs:
-            st.add_references(cfg, store, refs)
+            references.add_references(cfg, store, refs)
         removed = maintenance.collect_garbage(store, refs, dry_run=args.dry_run)
         if args.json:
             print(json.dumps([{"path": p, "bytes": b} for p, b in removed]))
@@ -233,12 +173,12 @@ def cmd_store(args: argparse.Namespace) -> int:
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
-    _prefect_defaults()
+    prefect_defaults()
     from flows.ablate import ablate
     from pipeline.config import load_config
 
     load_config(args.config)
-    out = ablate(str(Path(args.config).resolve()), _store_url(args.store) if args.store else None,
+    out = ablate(str(Path(args.config).resolve()), store_url(args.store) if args.store else None,
                  closing=not args.no_closing, progress=not args.quiet)
     if args.json:
         print(json.dumps(out))
@@ -249,7 +189,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    _prefect_defaults()
+    prefect_defaults()
     from flows.schedule import serve_configs
 
     serve_configs(args.configs, cron=args.cron, store=args.store, name_prefix=args.name)
@@ -359,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     warnings.filterwarnings("ignore", category=FutureWarning, module="guided_diffusion")  # its torch.cuda.amp use
     args = build_parser().parse_args(argv)
-    _prefect_defaults()
+    prefect_defaults()
     try:
         return args.func(args)
     except _user_errors() as err:

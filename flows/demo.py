@@ -95,11 +95,11 @@ def run_demo(out: str | Path, seeds: Sequence[int] = (0,), n_train: int = 10, n_
     """Generate the data if absent, run the flow for each feature type and seed, write metrics.json and
     report.html under `out`; returns {"features": {feature: entry}, "metrics_path", "report_path", ...}.
 
-    run: how a config is run (default: flows.cli.run_config, the segment flow); returns the flow's summary."""
+    run: how a config is run (default: flows.runner.run_config, the segment flow); returns the flow's summary."""
     from pipeline import synthetic
 
     if run is None:
-        from flows.cli import run_config
+        from flows.runner import run_config
 
         def run(path: Path) -> dict[str, Any]:
             return run_config(path, None, progress=progress)

@@ -2,7 +2,7 @@
 
 Like `make` or `dvc repro`, a re-run of an unchanged config should cost about what checking it costs. Starting
 Prefect's ephemeral server and running one flow takes seconds; the checks take milliseconds. So before starting
-Prefect, `flows.cli.run_config` asks `check` whether the segment flow (flows/segment.py, `run_segment`) would
+Prefect, `flows.runner.run_config` asks `check` whether the segment flow (flows/segment.py, `run_segment`) would
 write anything at all. Only when it would not does it return the summary the flow would have returned (every
 stage "cached", 0 forwards, 0 members, the same metrics and paths) with "flow_run": None; on anything else —
 a view, a forward, a member, a stage record, an evaluation, an output file or the lock file that the flow would
@@ -67,7 +67,7 @@ def _check_outputs_summary(cfg: ExperimentConfig, store_url: str) -> dict[str, A
 
 def _check_outputs(cfg: ExperimentConfig, previous: dict[str, Any], result: dict[str, Any],
                    summary: dict[str, Any]) -> dict[str, str]:
-    """What stages.write_outputs would write is already there; returns the paths it would return."""
+    """What outputs.write_outputs would write is already there; returns the paths it would return."""
     out = Path(cfg.output_dir)
     for key in ("train_key", "evaluate_key"):
         if previous.get(key) != summary[key]:
@@ -98,24 +98,27 @@ def _fresh_summary(cfg: ExperimentConfig, store_url: str | None, stages_to_run: 
     if not loc.is_remote and not Path(loc.url).is_dir():
         raise _Work(f"the store {loc.url} does not exist")
 
-    from flows import stages
+    from flows import extract as extract_stage
+    from flows import prepare as prepare_stage
+    from flows import references
+    from flows import stage_keys
     from storage import artifacts
     from storage.features import FeatureStore
 
-    lock = stages.read_lock(cfg)
+    lock = references.read_lock(cfg)
     if not lock:
-        raise _Work(f"{stages.lock_path(cfg)} is missing")
+        raise _Work(f"{references.lock_path(cfg)} is missing")
     store = FeatureStore(loc, read_only=True)
     summary: dict[str, Any] = {"store": loc.url, "unet_forwards": 0, "members_trained": 0, "stages": {},
                                "prefect_cache_hits": 0}
 
     split_refs = {}
     for split in ("train", "test"):  # prepare, read-only: every base image and derived view already stored
-        sr = stages.prepare(cfg, store, split, write=False)
+        sr = prepare_stage.prepare(cfg, store, split, write=False)
         for r in sr.base:
             if not store.view_committed(r.view, r.image_id, r.label_hash):
                 raise _Work(f"{split} image {r.stem} is not in the store")
-        expected = len(sr.base) * len(stages.train_views(cfg) if split == "train" else stages.tta_views(cfg))
+        expected = len(sr.base) * len(stage_keys.train_views(cfg) if split == "train" else stage_keys.tta_views(cfg))
         if len(sr.views) != expected:
             raise _Work(f"{split}: derived views missing")
         for r in sr.views:
@@ -127,15 +130,15 @@ def _fresh_summary(cfg: ExperimentConfig, store_url: str | None, stages_to_run: 
     if "extract" in stages_to_run:
         for split, sr in split_refs.items():
             refs = sr.extraction(cfg, split)
-            keys[f"extract_{split}"] = stages.extract_key(cfg, refs)
-            if stages.extract_plan(cfg, store, refs):
+            keys[f"extract_{split}"] = stage_keys.extract_key(cfg, refs)
+            if extract_stage.extract_plan(cfg, store, refs):
                 raise _Work(f"{split}: forwards to run")
         summary["stages"]["extract"] = "cached"
 
-    train_key = keys["train"] = stages.train_key(cfg, split_refs["train"].extraction(cfg, "train"))
+    train_key = keys["train"] = stage_keys.train_key(cfg, split_refs["train"].extraction(cfg, "train"))
     summary["train_key"] = train_key.value
     if "train" in stages_to_run:
-        members = stages.members_key(train_key)
+        members = stage_keys.members_key(train_key)
         if not all(artifacts.member_committed(loc, members, i) for i in range(cfg.classifier.model_num)):
             raise _Work("members to train")
         if artifacts.read_record(loc, "train", train_key.value) is None:
@@ -143,7 +146,7 @@ def _fresh_summary(cfg: ExperimentConfig, store_url: str | None, stages_to_run: 
         summary["stages"]["train"] = "cached"
 
     if "evaluate" in stages_to_run:
-        eval_key = keys["evaluate"] = stages.evaluate_key(cfg, train_key, split_refs["test"].base)
+        eval_key = keys["evaluate"] = stage_keys.evaluate_key(cfg, train_key, split_refs["test"].base)
         summary["evaluate_key"] = eval_key.value
         if artifacts.read_record(loc, "evaluate", eval_key.value) is None:
             raise _Work("not evaluated")

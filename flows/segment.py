@@ -1,6 +1,6 @@
 """The `segment` Prefect flow: prepare views -> extract (train + test) -> train members -> evaluate.
 
-Tasks are thin wrappers around flows/stages.py and exchange small descriptors (the config as plain data,
+Tasks are thin wrappers around the stage modules (flows/prepare.py, extract.py, train.py, evaluate.py, outputs.py) and exchange small descriptors (the config as plain data,
 the store URL, image refs, stage keys), never arrays or store handles.
 
 Caching: every cached task's Prefect cache key is its stage key, so a stage done before shows as `Cached`.
@@ -17,7 +17,13 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from flows import stages
+from flows import evaluate as evaluate_stage
+from flows import extract as extract_stage
+from flows import outputs
+from flows import prepare as prepare_stage
+from flows import references
+from flows import stage_keys
+from flows import train as train_stage
 from pipeline.config import ExperimentConfig, config_to_dict, load_config
 from storage import artifacts
 from storage.features import FeatureStore
@@ -32,15 +38,15 @@ def _open(config: dict[str, Any], store_url: str) -> tuple[ExperimentConfig, Fea
     return cfg, FeatureStore(StoreLocation.parse(store_url, read_only=cfg.store_read_only))
 
 
-def _refs(refs: list[dict[str, str]]) -> list[stages.ImageRef]:
-    return [stages.ImageRef(**r) for r in refs]
+def _refs(refs: list[dict[str, str]]) -> list[stage_keys.ImageRef]:
+    return [stage_keys.ImageRef(**r) for r in refs]
 
 
 def _stage_cache_key(context: Any, parameters: dict[str, Any]) -> str:
     """Prefect's cache key = the stage key (+ member index), per store: the Prefect cache is an accelerator
     of one store, never a claim about another."""
     key = Key(**parameters["key"])
-    value = f"{stages.members_key(key)}-m{parameters['index']:02d}" if "index" in parameters else key.value
+    value = f"{stage_keys.members_key(key)}-m{parameters['index']:02d}" if "index" in parameters else key.value
     return f"ddpmseg-{key.stage}-{value}-{digest(parameters['store_url'])[:12]}"
 
 
@@ -51,7 +57,7 @@ _cached = dict(cache_key_fn=_stage_cache_key, persist_result=True)
 def prepare_task(config: dict[str, Any], store_url: str, split: str) -> dict[str, list[dict[str, str]]]:
     """Validate and store a split's images, labels and derived views; returns {"base": refs, "views": refs}."""
     cfg, store = _open(config, store_url)
-    refs = stages.prepare(cfg, store, split)
+    refs = prepare_stage.prepare(cfg, store, split)
     return {"base": [asdict(r) for r in refs.base], "views": [asdict(r) for r in refs.views]}
 
 
@@ -59,14 +65,14 @@ def prepare_task(config: dict[str, Any], store_url: str, split: str) -> dict[str
 def extract_task(config: dict[str, Any], store_url: str, refs: list[dict[str, str]], key: dict[str, Any],
                  split: str, progress: bool = True) -> dict[str, int]:
     cfg, store = _open(config, store_url)
-    return stages.extract_split(cfg, store, _refs(refs), progress=progress, desc=f"extract {split}")
+    return extract_stage.extract_split(cfg, store, _refs(refs), progress=progress, desc=f"extract {split}")
 
 
 @task(name="train-member", **_cached)
 def train_member_task(config: dict[str, Any], store_url: str, refs: list[dict[str, str]], key: dict[str, Any],
                       index: int, progress: bool = True) -> dict[str, Any]:
     cfg, store = _open(config, store_url)
-    return stages.train_member(cfg, store, _refs(refs), Key(**key), index, progress=progress)
+    return train_stage.train_member(cfg, store, _refs(refs), Key(**key), index, progress=progress)
 
 
 @task(name="evaluate", **_cached)
@@ -76,7 +82,7 @@ def evaluate_task(config: dict[str, Any], store_url: str, refs: list[dict[str, s
     eval_key = Key(**key)
     if artifacts.read_record(store.location, "evaluate", eval_key.value) is not None:
         return {"ran": False}
-    result = stages.evaluate(cfg, store, _refs(refs), Key(**train), eval_key, progress=progress)
+    result = evaluate_stage.evaluate(cfg, store, _refs(refs), Key(**train), eval_key, progress=progress)
     artifacts.write_record(store.location, eval_key, {"miou": result["miou"]})
     return {"ran": True}
 
@@ -122,40 +128,40 @@ def run_segment(cfg: ExperimentConfig, store_url: str | None = None, stages_to_r
                                "prefect_cache_hits": 0}
 
     prepared = {split: prepare_task(config, loc.url, split) for split in ("train", "test")}
-    split_refs = {split: stages.SplitRefs(_refs(p["base"]), _refs(p["views"])) for split, p in prepared.items()}
+    split_refs = {split: prepare_stage.SplitRefs(_refs(p["base"]), _refs(p["views"])) for split, p in prepared.items()}
     train_refs = [asdict(r) for r in split_refs["train"].extraction(cfg, "train")]
     test_refs = prepared["test"]["base"]
     keys: dict[str, Key] = {}
     if "extract" in stages_to_run:
         for split, sr in split_refs.items():
             refs = sr.extraction(cfg, split)
-            keys[f"extract_{split}"] = stages.extract_key(cfg, refs)
+            keys[f"extract_{split}"] = stage_keys.extract_key(cfg, refs)
             step = cfg.features.batch_size if parallel else max(1, len(refs))
             calls = []
             for batch in (refs[i:i + step] for i in range(0, len(refs), step)):
-                todo = stages.extract_plan(cfg, store, batch)
+                todo = extract_stage.extract_plan(cfg, store, batch)
                 calls.append((bool(todo), dict(config=config, store_url=loc.url, refs=[asdict(r) for r in batch],
-                                               key=_key_dict(stages.extract_key(cfg, batch)), split=split,
+                                               key=_key_dict(stage_keys.extract_key(cfg, batch)), split=split,
                                                progress=progress and not parallel)))
             for counts, cached in _call_many(extract_task, calls, summary, parallel):
                 summary["unet_forwards"] += 0 if cached else counts["unet_forwards"]
         summary["stages"]["extract"] = "ran" if summary["unet_forwards"] else "cached"
 
-    train_key = keys["train"] = stages.train_key(cfg, _refs(train_refs))
+    train_key = keys["train"] = stage_keys.train_key(cfg, _refs(train_refs))
     summary["train_key"] = train_key.value
     if "train" in stages_to_run:
-        calls = [(not artifacts.member_committed(loc, stages.members_key(train_key), i),
+        calls = [(not artifacts.member_committed(loc, stage_keys.members_key(train_key), i),
                   dict(config=config, store_url=loc.url, refs=train_refs, key=_key_dict(train_key), index=i,
                        progress=progress and not parallel)) for i in range(cfg.classifier.model_num)]
         for info, cached in _call_many(train_member_task, calls, summary, parallel):
             summary["members_trained"] += int(info["ran"] and not cached)
         if artifacts.read_record(loc, "train", train_key.value) is None:
             artifacts.write_record(loc, train_key, {"members": cfg.classifier.model_num,
-                                                   "members_key": stages.members_key(train_key)})
+                                                   "members_key": stage_keys.members_key(train_key)})
         summary["stages"]["train"] = "ran" if summary["members_trained"] else "cached"
 
     if "evaluate" in stages_to_run:
-        eval_key = keys["evaluate"] = stages.evaluate_key(cfg, train_key, _refs(test_refs))
+        eval_key = keys["evaluate"] = stage_keys.evaluate_key(cfg, train_key, _refs(test_refs))
         summary["evaluate_key"] = eval_key.value
         missing = artifacts.read_record(loc, "evaluate", eval_key.value) is None
         info, cached = _call(evaluate_task, missing, summary, config=config, store_url=loc.url, refs=test_refs,
@@ -163,11 +169,11 @@ def run_segment(cfg: ExperimentConfig, store_url: str | None = None, stages_to_r
         summary["stages"]["evaluate"] = "ran" if info["ran"] and not cached else "cached"
         result = json.loads(loc.read_bytes(f"evaluations/{eval_key.value}/metrics.json"))
         summary.update({k: result[k] for k in ("miou", "miou_standard", "pixel_accuracy", "uncertainty")})
-        summary.update(stages.write_outputs(cfg, store, result, summary))
+        summary.update(outputs.write_outputs(cfg, store, result, summary))
 
     if all(v == "cached" for v in summary["stages"].values()):
         summary["message"] = "nothing to do: every stage is fresh (0 forwards, 0 members trained)"
-    stages.write_lock(cfg, keys, split_refs["train"].base + split_refs["test"].base)
+    references.write_lock(cfg, keys, split_refs["train"].base + split_refs["test"].base)
     return summary
 
 

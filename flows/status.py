@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from flows import stages
+from flows import prepare as prepare_stage
+from flows import references
+from flows import stage_keys
 from pipeline.config import ExperimentConfig
 from storage import artifacts
 from storage.features import FeatureStore
@@ -77,9 +79,9 @@ def diff_inputs(old: dict[str, Any] | None, new: dict[str, Any], names: dict[str
 def stage_status(cfg: ExperimentConfig, store_url: str | None = None) -> list[dict[str, Any]]:
     """One entry per stage (extract per split and timestep): {"stage", "state", "reasons"}."""
     store = FeatureStore(StoreLocation.parse(store_url or cfg.store))
-    lock = stages.read_lock(cfg)
+    lock = references.read_lock(cfg)
     old = lock.get("stages", {})
-    prepared = {split: stages.prepare(cfg, store, split, write=False) for split in ("train", "test")}
+    prepared = {split: prepare_stage.prepare(cfg, store, split, write=False) for split in ("train", "test")}
     refs = {split: p.extraction(cfg, split) for split, p in prepared.items()}
     names = {**lock.get("names", {}), **{r.image_id: r.stem for rs in refs.values() for r in rs}}
     old_steps = set(old.get("extract_train", {}).get("inputs", {}).get("steps", []))
@@ -87,10 +89,10 @@ def stage_status(cfg: ExperimentConfig, store_url: str | None = None) -> list[di
     out: list[dict[str, Any]] = []
 
     for split, rs in refs.items():
-        key = stages.extract_key(cfg, rs)
+        key = stage_keys.extract_key(cfg, rs)
         old_inputs = old.get(f"extract_{split}", {}).get("inputs")
         for t in cfg.features.steps:
-            missing = {r.entry: set(cfg.sorted_blocks) - store.committed_blocks(stages.unit_for(cfg, t, r.view),
+            missing = {r.entry: set(cfg.sorted_blocks) - store.committed_blocks(stage_keys.unit_for(cfg, t, r.view),
                                                                                  r.image_id) for r in rs}
             missing = {i: m for i, m in missing.items() if m}
             name = f"extract {split}/t{t:04d}"
@@ -115,12 +117,12 @@ def stage_status(cfg: ExperimentConfig, store_url: str | None = None) -> list[di
             state = "missing" if len(missing) == len(rs) else "stale"
             out.append({"stage": name, "state": state, "reasons": reasons, "images": len(rs)})
 
-    train_key = stages.train_key(cfg, refs["train"])
+    train_key = stage_keys.train_key(cfg, refs["train"])
     refs["test"] = prepared["test"].base
     fresh = artifacts.read_record(store.location, "train", train_key.value) is not None
     out.append({"stage": "train", "state": "fresh" if fresh else "stale", "key": train_key.short,
                 "reasons": [] if fresh else diff_inputs(old.get("train", {}).get("inputs"), train_key.inputs, names)})
-    eval_key = stages.evaluate_key(cfg, train_key, refs["test"])
+    eval_key = stage_keys.evaluate_key(cfg, train_key, refs["test"])
     fresh = artifacts.read_record(store.location, "evaluate", eval_key.value) is not None
     out.append({"stage": "evaluate", "state": "fresh" if fresh else "stale", "key": eval_key.short,
                 "reasons": [] if fresh else diff_inputs(old.get("evaluate", {}).get("inputs"), eval_key.inputs,

@@ -1,7 +1,7 @@
 """The `sweep` and `clusters` Prefect flows: representation analysis from the feature cache.
 
 sweep: one classifier per (decoder block, timestep), as in the paper's analysis.
-  1. extract what the store lacks for all requested blocks and steps: `stages.extract_split` on the config with
+  1. extract what the store lacks for all requested blocks and steps: `extract_stage.extract_split` on the config with
      every requested block, so a missing (image, t) costs ONE UNet forward that yields all blocks at once
      (forwards = images x steps, never x blocks);
   2. for each cell (b, t): the config restricted to steps [t], blocks [b] with a lighter classifier (`members`
@@ -12,10 +12,10 @@ sweep: one classifier per (decoder block, timestep), as in the paper's analysis.
   4. classes grouped by mean area in the training labels (small / large, median or a threshold), mIoU per group;
      sweep.csv, sweep.json, heatmap.png, size_split.png; the whole result recorded under stages/sweep/<key>.json.
 
-Determinism: `stages.train_member` seeds torch's global RNG (torch.manual_seed) and draws the init (and any dropout
+Determinism: `train_stage.train_member` seeds torch's global RNG (torch.manual_seed) and draws the init (and any dropout
 masks) from it, so two trainings in threads of one process would race on that RNG. Members therefore run either in
 a process pool (`workers > 1`: Prefect's ProcessPoolTaskRunner, one RNG per process) or, in a thread runner, one at
-a time under a process-wide lock. Training runs on one torch thread (stages.train_member) and so does a cell's
+a time under a process-wide lock. Training runs on one torch thread (train_stage.train_member) and so does a cell's
 evaluation here, so no float result depends on the thread count either: members and scores are the same bits
 whatever `workers` is (tested between workers=1 and workers=2).
 
@@ -38,7 +38,12 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 
-from flows import stages
+from flows import extract as extract_stage
+from flows import prepare as prepare_stage
+from flows import stage_keys
+from flows import train as train_stage
+from pipeline import predict
+from pipeline import threads
 from pipeline import analysis, metrics
 from pipeline.config import ConfigError, ExperimentConfig, config_to_dict, num_output_blocks
 from storage import artifacts
@@ -89,29 +94,29 @@ def cell_config(cfg: ExperimentConfig, block: int, step: int, members: int, epoc
                  classifier={"model_num": members, "max_epochs": epochs})
 
 
-def cell_key(train: Key, test_refs: Sequence[stages.ImageRef]) -> Key:
+def cell_key(train: Key, test_refs: Sequence[stage_keys.ImageRef]) -> Key:
     """Key of one cell's evaluation: its train key and the test images (content ids + label hashes)."""
     return Key(CELL_STAGE, {"train": train.value, "images": [[r.image_id, r.label_hash] for r in test_refs],
                             "prediction": "mode-vote"})
 
 
 # -- the evaluation of one cell (plain function) -----------------------------------------------------------------
-def evaluate_cell(cfg_bt: ExperimentConfig, store: FeatureStore, test_refs: Sequence[stages.ImageRef],
+def evaluate_cell(cfg_bt: ExperimentConfig, store: FeatureStore, test_refs: Sequence[stage_keys.ImageRef],
                   train: Key) -> dict[str, Any]:
     """Predict every test image from the cell's single (block, t) map with its members and score it.
 
     Returns {"block", "step", "miou", "miou_standard" (percent), "per_class_official", "per_class_standard"
     (fractions, following "class_ids"), "per_image_miou", "train_key"}."""
     (block,), (step,) = cfg_bt.features.blocks, cfg_bt.features.steps
-    members = stages.load_members(store.location, train, cfg_bt.classifier.model_num)
-    unit = stages.unit_for(cfg_bt, step)
+    members = train_stage.load_members(store.location, train, cfg_bt.classifier.model_num)
+    unit = stage_keys.unit_for(cfg_bt, step)
     d = cfg_bt.dataset
     masks, gts = [], []
-    with stages.torch_threads(1):  # the same bits in any worker; cells run in parallel instead
+    with threads.torch_threads(1):  # the same bits in any worker; cells run in parallel instead
         for r in test_refs:
             maps = [torch.from_numpy(m) for m in store.read_maps([unit], r.image_id, [block])]
-            masks.append(stages.predict_maps(members, maps, cfg_bt.image_size).mask)
-            gts.append(store.read_view_label(stages.BASE_VIEW, r.image_id, r.label_hash))
+            masks.append(predict.predict_maps(members, maps, cfg_bt.image_size).mask)
+            gts.append(store.read_view_label(stage_keys.BASE_VIEW, r.image_id, r.label_hash))
     s = metrics.score(masks, gts, d.number_class, d.ignore_label).to_dict()
     return {"block": block, "step": step, "miou": 100 * s["official_miou"],
             "miou_standard": None if s["standard_miou"] is None else 100 * s["standard_miou"],
@@ -132,8 +137,8 @@ def _open(config: dict[str, Any], store_url: str) -> tuple[ExperimentConfig, Fea
     return ExperimentConfig.model_validate(config), FeatureStore(StoreLocation.parse(store_url))
 
 
-def _refs(refs: list[dict[str, str]]) -> list[stages.ImageRef]:
-    return [stages.ImageRef(**r) for r in refs]
+def _refs(refs: list[dict[str, str]]) -> list[stage_keys.ImageRef]:
+    return [stage_keys.ImageRef(**r) for r in refs]
 
 
 def _key_dict(key: Key) -> dict[str, Any]:
@@ -143,7 +148,7 @@ def _key_dict(key: Key) -> dict[str, Any]:
 @task(name="prepare", cache_policy=NO_CACHE)
 def prepare_task(config: dict[str, Any], store_url: str, split: str) -> list[dict[str, str]]:
     cfg, store = _open(config, store_url)
-    return [asdict(r) for r in stages.prepare_split(cfg, store, split)]
+    return [asdict(r) for r in prepare_stage.prepare_split(cfg, store, split)]
 
 
 @task(name="sweep-extract", cache_policy=NO_CACHE)
@@ -151,7 +156,7 @@ def extract_task(config: dict[str, Any], store_url: str, refs: list[dict[str, st
                  progress: bool = True) -> dict[str, int]:
     """Extract what the store lacks for config's blocks and steps; {"unet_forwards", "images_written"}."""
     cfg, store = _open(config, store_url)
-    return stages.extract_split(cfg, store, _refs(refs), progress=progress, desc=f"extract {split}")
+    return extract_stage.extract_split(cfg, store, _refs(refs), progress=progress, desc=f"extract {split}")
 
 
 @task(name="sweep-train-member", cache_policy=NO_CACHE)
@@ -163,11 +168,11 @@ def train_member_task(config: dict[str, Any], store_url: str, refs: list[dict[st
 
 def train_member_locked(config: dict[str, Any], store_url: str, refs: list[dict[str, str]], key: dict[str, Any],
                         index: int) -> dict[str, Any]:
-    """stages.train_member under the process-wide lock (a plain module function, so a process pool pickles it
+    """flows.train.train_member under the process-wide lock (a plain module function, so a process pool pickles it
     by reference, never the lock); returns the member's scalar info."""
     cfg, store = _open(config, store_url)
     with _TRAIN_LOCK:
-        info = stages.train_member(cfg, store, _refs(refs), Key(**key), index, progress=False)
+        info = train_stage.train_member(cfg, store, _refs(refs), Key(**key), index, progress=False)
     return {k: v for k, v in info.items() if isinstance(v, (int, float, bool, str))}
 
 
@@ -198,11 +203,11 @@ def default_workers() -> int:
 
 
 # -- the sweep flow ----------------------------------------------------------------------------------------------
-def size_groups_of(cfg: ExperimentConfig, store: FeatureStore, train_refs: Sequence[stages.ImageRef],
+def size_groups_of(cfg: ExperimentConfig, store: FeatureStore, train_refs: Sequence[stage_keys.ImageRef],
                    threshold: float | None) -> analysis.SizeGroups:
     """Classes grouped by mean area in the stored training labels."""
     d = cfg.dataset
-    labels = [store.read_view_label(stages.BASE_VIEW, r.image_id, r.label_hash) for r in train_refs]
+    labels = [store.read_view_label(stage_keys.BASE_VIEW, r.image_id, r.label_hash) for r in train_refs]
     areas = analysis.class_mean_areas(labels, metrics.scored_classes(d.number_class, d.ignore_label))
     return analysis.size_groups(areas, threshold)
 
@@ -242,14 +247,14 @@ def sweep_flow(config: dict[str, Any], store_url: str, blocks: list[int], steps:
     for b, t in cells:
         cfg_bt = cell_config(cfg, b, t, members, epochs)
         conf_bt = config_to_dict(cfg_bt)
-        train = stages.train_key(cfg_bt, tr)
+        train = stage_keys.train_key(cfg_bt, tr)
         ckey = keys[(b, t)] = cell_key(train, te)
         record = artifacts.read_record(loc, CELL_STAGE, ckey.value)
         if record is not None:
             cached_results[(b, t)] = record["result"]
             continue
         futures = [train_member_task.submit(conf_bt, loc.url, train_refs, _key_dict(train), i)
-                   for i in range(members) if not artifacts.member_committed(loc, stages.members_key(train), i)]
+                   for i in range(members) if not artifacts.member_committed(loc, stage_keys.members_key(train), i)]
         member_futures += futures
         eval_futures.append(((b, t), evaluate_cell_task.submit(conf_bt, loc.url, test_refs, _key_dict(train),
                                                                _key_dict(ckey), wait_for=futures)))
@@ -348,28 +353,28 @@ def cluster_image_task(config: dict[str, Any], store_url: str, ref: dict[str, st
     from pipeline import report
 
     cfg, store = _open(config, store_url)
-    r = stages.ImageRef(**ref)
+    r = stage_keys.ImageRef(**ref)
     maps = cluster_maps(cfg, store, r, blocks, steps, k, seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     npz = out / f"{r.stem}.npz"
     np.savez_compressed(npz, maps=maps.astype(np.uint8), blocks=np.array(blocks), steps=np.array(steps), k=k,
                         seed=seed)
-    png = report.plot_clusters_grid(store.read_view_input(stages.BASE_VIEW, r.image_id), maps, blocks, steps,
+    png = report.plot_clusters_grid(store.read_view_input(stage_keys.BASE_VIEW, r.image_id), maps, blocks, steps,
                                     out / f"{r.stem}.png", k,
                                     title=f"{cfg.dataset.name} image {r.stem}: k-means (k = {k}, seed {seed}) "
                                           f"of each block's features",
-                                    label=store.read_view_label(stages.BASE_VIEW, r.image_id, r.label_hash),
+                                    label=store.read_view_label(stage_keys.BASE_VIEW, r.image_id, r.label_hash),
                                     palette=cfg.dataset.palette, ignore_label=cfg.dataset.ignore_label)
     return {"image": r.stem, "png": str(png), "npz": str(npz)}
 
 
-def cluster_maps(cfg: ExperimentConfig, store: FeatureStore, ref: stages.ImageRef, blocks: Sequence[int],
+def cluster_maps(cfg: ExperimentConfig, store: FeatureStore, ref: stage_keys.ImageRef, blocks: Sequence[int],
                  steps: Sequence[int], k: int, seed: int) -> np.ndarray:
     """(len(blocks), len(steps), H, W) int64 cluster ids of one image (features must be in the store)."""
     out = np.zeros((len(blocks), len(steps), cfg.image_size, cfg.image_size), dtype=np.int64)
     for j, t in enumerate(steps):
-        unit = stages.unit_for(cfg, t)
+        unit = stage_keys.unit_for(cfg, t)
         fmaps = store.read_maps([unit], ref.image_id, list(blocks))
         for i, fmap in enumerate(fmaps):
             out[i, j] = analysis.cluster_map(fmap, k, seed, cfg.image_size)

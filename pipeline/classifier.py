@@ -21,9 +21,13 @@ import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from pipeline.config import ExperimentConfig
 
 OPTIMIZERS = ("adam", "adamw")
 LINEAR_INIT_STD = 0.02
@@ -100,6 +104,12 @@ class EarlyStopping:
         return self.counter > self.patience
 
 
+# The bounds of the classifier's hyper-parameters, in one place: TrainSettings checks them and the config
+# (pipeline/config.py, ClassifierConfig) declares them, so a value the config accepts always trains.
+MIN_BATCH_SIZE = 2  # BatchNorm1d in train mode needs >= 2 samples a batch
+MIN_EPOCHS = 1
+
+
 @dataclass
 class TrainSettings:
     """Hyper-parameters of one member. Defaults are the official ones (`recipe: paper`)."""
@@ -118,13 +128,25 @@ class TrainSettings:
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"TrainSettings.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
-        if self.max_epochs < 1:
-            raise ValueError(f"TrainSettings.max_epochs must be >= 1, got {self.max_epochs}")
-        if self.batch_size < 2:
-            raise ValueError(f"TrainSettings.batch_size must be >= 2 (BatchNorm1d in train mode), "
+        if self.max_epochs < MIN_EPOCHS:
+            raise ValueError(f"TrainSettings.max_epochs must be >= {MIN_EPOCHS}, got {self.max_epochs}")
+        if self.batch_size < MIN_BATCH_SIZE:
+            raise ValueError(f"TrainSettings.batch_size must be >= {MIN_BATCH_SIZE} (BatchNorm1d in train mode), "
                              f"got {self.batch_size}")
         if self.weight_decay < 0:
             raise ValueError(f"TrainSettings.weight_decay must be >= 0, got {self.weight_decay}")
+
+
+def train_settings(cfg: "ExperimentConfig", dim: int) -> TrainSettings:
+    """A member's settings from an experiment config (its classifier section), for features of `dim` channels.
+
+    The one place the config's classifier section becomes TrainSettings (the train stage, benchmarks).
+    early_stopping off: the stop rule never starts (exactly max_epochs, the later study's fixed 11)."""
+    c = cfg.classifier
+    start = c.early_stop_start_epoch if c.early_stopping else c.max_epochs + 1
+    return TrainSettings(number_class=cfg.dataset.number_class, dim=dim, lr=c.lr, batch_size=c.batch_size,
+                         max_epochs=c.max_epochs, optimizer=c.optimizer, weight_decay=c.weight_decay,
+                         dropout=c.dropout, early_stop_start_epoch=start, patience=c.patience)
 
 
 def build_optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.Optimizer:

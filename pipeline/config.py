@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from pipeline.augment import STUDY_TRAIN_TRANSFORMS, STUDY_TTA_VIEWS, TransformSpec
 from pipeline.backbone import OFFICIAL_MODEL_FLAGS
+from pipeline.classifier import MIN_BATCH_SIZE, MIN_EPOCHS, OPTIMIZERS
 from pipeline.presets import DATASET_PRESETS, PAPER_BLOCKS, PAPER_STEPS
 
 #: The official 256x256 model flags (scripts/ddpm/train_interpreter.sh) on top of guided-diffusion's defaults.
@@ -161,10 +162,10 @@ class FeaturesConfig(_Strict):
 
 class ClassifierConfig(_Strict):
     model_num: int = Field(10, ge=1)
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(64, ge=MIN_BATCH_SIZE)
     lr: float = Field(1e-3, gt=0)
-    max_epochs: int = Field(100, ge=1)
-    optimizer: Literal["adam", "adamw"] = "adam"
+    max_epochs: int = Field(100, ge=MIN_EPOCHS)
+    optimizer: Literal[OPTIMIZERS] = "adam"
     weight_decay: float = Field(0.0, ge=0)
     dropout: float = Field(0.0, ge=0, lt=1)
     early_stopping: bool = True  # the official rule; off: train exactly max_epochs (the study's 11 epochs)

@@ -11,10 +11,15 @@ Official computation per image (src/pixel_classifier.py, predict_labels):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.distributions import Categorical
+
+from pipeline import augment
+from pipeline.features import sample_pixel_features
 
 
 def _members_device(members: list[nn.Module]) -> torch.device:
@@ -114,3 +119,45 @@ def predict_image(
     mask = torch.cat(labels).reshape(height, width).numpy()
     mask = mask.astype(np.uint8 if number_class <= 256 else np.int64)
     return mask, image_uncertainty(torch.cat(js_values), top_fraction)
+
+
+@dataclass
+class Prediction:
+    mask: np.ndarray  # (H, W) uint8: mode over members
+    probs: np.ndarray  # (C, H, W) float32: members' mean softmax
+    uncertainty: float  # mean of the top 10% JS values
+
+
+def predict_maps(members: list[nn.Module], maps: list[torch.Tensor], size: int,
+                 pixels_per_chunk: int = 16384) -> Prediction:
+    """Predict one image from its native maps (official order, see pipeline.features), building pixel features
+    chunk by chunk (bounded memory)."""
+    ys, xs = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    ys, xs = ys.reshape(-1), xs.reshape(-1)
+    labels, js, probs = [], [], []
+    for i in range(0, ys.numel(), pixels_per_chunk):
+        feats = sample_pixel_features(maps, ys[i:i + pixels_per_chunk], xs[i:i + pixels_per_chunk], size)
+        logits = member_logits(members, feats)
+        labels.append(mode_vote(logits.argmax(-1)))
+        js.append(js_uncertainty(logits))
+        probs.append(torch.softmax(logits, -1).mean(0))
+    mask = torch.cat(labels).reshape(size, size).numpy().astype(np.uint8)
+    prob = torch.cat(probs).T.reshape(-1, size, size).numpy()
+    return Prediction(mask, prob, image_uncertainty(torch.cat(js)))
+
+
+def merge_views(predictions: list[Prediction], how: str) -> np.ndarray:
+    """Per-pixel merge of (geometry-undone) view predictions: majority vote (ties -> smallest label) or mean prob."""
+    if len(predictions) == 1:
+        return predictions[0].mask
+    if how == "vote":
+        return mode_vote(torch.from_numpy(np.stack([p.mask for p in predictions]).astype(np.int64)
+                                                  .reshape(len(predictions), -1))).reshape(
+            predictions[0].mask.shape).numpy().astype(np.uint8)
+    return np.mean([p.probs for p in predictions], axis=0).argmax(0).astype(np.uint8)
+
+
+def undo_view(pred: Prediction, specs: list) -> Prediction:
+    """A test-time view's prediction in the original image's geometry (flips etc. undone)."""
+    return Prediction(augment.undo_geometry(pred.mask, specs), augment.undo_geometry(pred.probs, specs),
+                      pred.uncertainty)

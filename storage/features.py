@@ -39,15 +39,11 @@ import numpy as np
 import torch
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
-from zarr.abc.store import SupportsSetSync
-from zarr.core.buffer import Buffer, default_buffer_prototype  # zarr < 3.2 (pinned): used by the write path
-from zarr.core.common import ZARR_JSON
-from zarr.core.group import GroupMetadata
-from zarr.core.metadata import ArrayV3Metadata
-from zarr.core.sync import sync as zarr_sync
 from zarr.storage import MemoryStore, StorePath
 from zarr.errors import ContainsGroupError
 
+from storage.zarr_internals import (ZARR_JSON, ArrayV3Metadata, Buffer, GroupMetadata, SupportsSetSync,
+                                    default_buffer_prototype, zarr_sync)
 from storage.location import StoreAccessError, StoreLocation, is_transient, with_retries
 
 FEATURE_DTYPE = np.float16

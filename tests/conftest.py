@@ -41,7 +41,7 @@ def write_tiny_experiment(root, n_train: int = 4, n_test: int = 3, **overrides) 
 
     import yaml
 
-    from flows.cli import tiny_config
+    from tests.tiny import tiny_config
     from pipeline import synthetic
 
     root = Path(root)

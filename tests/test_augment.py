@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import yaml
 
-from flows import stages
+from flows import prepare as prepare_stage
+from flows import stage_keys
 from flows.cli import main
 from pipeline import augment
 from pipeline.augment import TransformSpec
@@ -111,8 +112,8 @@ def test_new_options_invalidate_only_what_they_should(tiny_experiment, prefect_s
     assert (out["unet_forwards"], out["members_trained"]) == (6, 1)
     cfg = load_config(config)
     store = FeatureStore(StoreLocation.parse(cfg.store))
-    train = stages.prepare(cfg, store, "train")
-    assert len(train.views) == 6 and {r.view for r in train.views} == {v[0] for v in stages.train_views(cfg)}
+    train = prepare_stage.prepare(cfg, store, "train")
+    assert len(train.views) == 6 and {r.view for r in train.views} == {v[0] for v in stage_keys.train_views(cfg)}
 
     _edit(config, "classifier", optimizer="adamw", weight_decay=1e-4)  # anti-overfit: retrain only
     out = _run(capsys, config)

@@ -383,3 +383,23 @@ def test_import_official_errors_name_the_key_and_the_file(tmp_path):
         import_official(path)
     with pytest.raises(ConfigError, match="--image_size: expected an integer"):
         import_official(official_ffhq_json(tmp_path), "--image_size big")
+
+
+def test_every_classifier_section_the_config_accepts_builds_training_settings():
+    """One source of the classifier's bounds: a value the config accepts always trains, and the config refuses
+    (naming the key) what TrainSettings would refuse after extraction."""
+    from pipeline.classifier import MIN_BATCH_SIZE, MIN_EPOCHS, train_settings
+
+    msg = config_error(minimal(classifier={"batch_size": MIN_BATCH_SIZE - 1}))
+    assert "classifier.batch_size" in msg and str(MIN_BATCH_SIZE) in msg
+    msg = config_error(minimal(classifier={"max_epochs": MIN_EPOCHS - 1}))
+    assert "classifier.max_epochs" in msg
+    cfg = parse_config(minimal(classifier={"batch_size": MIN_BATCH_SIZE, "max_epochs": MIN_EPOCHS,
+                                           "optimizer": "adamw", "weight_decay": 1e-4, "dropout": 0.4,
+                                           "early_stopping": False}))
+    settings = train_settings(cfg, dim=12)
+    assert (settings.batch_size, settings.max_epochs, settings.optimizer, settings.dropout) == (2, 1, "adamw", 0.4)
+    assert settings.number_class == 34 and settings.dim == 12
+    assert settings.early_stop_start_epoch > settings.max_epochs  # early stopping off: the rule never starts
+    paper = train_settings(parse_config(minimal()), dim=8448)
+    assert (paper.lr, paper.batch_size, paper.early_stop_start_epoch, paper.patience) == (1e-3, 64, 4, 50)

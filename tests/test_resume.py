@@ -12,7 +12,9 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from flows import stages
+from flows import extract as extract_stage
+from flows import prepare as prepare_stage
+from flows import stage_keys
 from flows.cli import main
 from pipeline.config import load_config
 from storage.features import FeatureStore
@@ -21,14 +23,16 @@ from tests.conftest import write_tiny_experiment
 
 EXTRACT = """
 import sys
-from flows import stages
+from flows import extract as extract_stage
+from flows import prepare as prepare_stage
+from flows import stage_keys
 from pipeline.config import load_config
 from storage.features import FeatureStore
 from storage.location import StoreLocation
 cfg = load_config(sys.argv[1])
 store = FeatureStore(StoreLocation.parse(sys.argv[2]))
-refs = stages.prepare_split(cfg, store, "train")
-print(stages.extract_split(cfg, store, refs, progress=False)["unet_forwards"])
+refs = prepare_stage.prepare_split(cfg, store, "train")
+print(extract_stage.extract_split(cfg, store, refs, progress=False)["unet_forwards"])
 """
 
 
@@ -43,7 +47,7 @@ def _setup(tmp_path: Path, n_train: int = 8):
                                    features={"steps": [50, 150, 250], "blocks": [2, 3, 4], "batch_size": 1})
     cfg = load_config(config)
     store = FeatureStore(StoreLocation.parse(cfg.store))
-    refs = stages.prepare_split(cfg, store, "train")
+    refs = prepare_stage.prepare_split(cfg, store, "train")
     return config, cfg, store, refs
 
 
@@ -62,18 +66,18 @@ def test_sigkill_mid_extraction_then_resume_redoes_only_unfinished(tmp_path):
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the extractor finished before it could be killed"
 
-    left = stages.extract_plan(cfg, store, refs)
+    left = extract_stage.extract_plan(cfg, store, refs)
     assert 0 < len(left) < total
     # nothing uncommitted is trusted: every committed block reads back as finite data
     for t in cfg.features.steps:
-        unit = stages.unit_for(cfg, t)
+        unit = stage_keys.unit_for(cfg, t)
         for r in refs:
             blocks = sorted(store.committed_blocks(unit, r.image_id))
             for m in store.read_maps([unit], r.image_id, blocks):
                 assert np.isfinite(m).all()
-    counts = stages.extract_split(cfg, store, refs, progress=False)
+    counts = extract_stage.extract_split(cfg, store, refs, progress=False)
     assert counts["unet_forwards"] == len(left)
-    assert stages.extract_plan(cfg, store, refs) == []
+    assert extract_stage.extract_plan(cfg, store, refs) == []
 
 
 def test_two_concurrent_extractions_end_with_one_good_copy(tmp_path):
@@ -85,9 +89,9 @@ def test_two_concurrent_extractions_end_with_one_good_copy(tmp_path):
     assert main(["store", "verify", cfg.store]) == 0
 
     reference = FeatureStore(StoreLocation.parse(tmp_path / "reference-store"))
-    stages.prepare_split(cfg, reference, "train")
-    stages.extract_split(cfg, reference, refs, progress=False)
-    units = [stages.unit_for(cfg, t) for t in cfg.features.steps]
+    prepare_stage.prepare_split(cfg, reference, "train")
+    extract_stage.extract_split(cfg, reference, refs, progress=False)
+    units = [stage_keys.unit_for(cfg, t) for t in cfg.features.steps]
     for r in refs:
         got = store.read_maps(units, r.image_id, cfg.sorted_blocks)
         want = reference.read_maps(units, r.image_id, cfg.sorted_blocks)
@@ -97,9 +101,9 @@ def test_two_concurrent_extractions_end_with_one_good_copy(tmp_path):
 
 def test_flipped_byte_is_reported_and_repaired_by_recomputing_that_image(tmp_path, capsys):
     config, cfg, store, refs = _setup(tmp_path, n_train=3)
-    stages.extract_split(cfg, store, refs, progress=False)
+    extract_stage.extract_split(cfg, store, refs, progress=False)
     victim = refs[1].image_id
-    unit = stages.unit_for(cfg, 150)
+    unit = stage_keys.unit_for(cfg, 150)
     chunk = next(p for p in Path(cfg.store, unit.path, victim, "b03").rglob("c*") if p.is_file())
     data = bytearray(chunk.read_bytes())
     data[len(data) // 2] ^= 0x01
@@ -121,13 +125,13 @@ def test_flipped_byte_is_reported_and_repaired_by_recomputing_that_image(tmp_pat
     assert main(["store", "verify", cfg.store, "--repair"]) == 0
     capsys.readouterr()
     repaired = FeatureStore(StoreLocation.parse(cfg.store))
-    assert stages.extract_split(cfg, repaired, refs, progress=False)["unet_forwards"] == 1
+    assert extract_stage.extract_split(cfg, repaired, refs, progress=False)["unet_forwards"] == 1
     assert main(["store", "verify", cfg.store]) == 0
 
 
 def test_store_ls_and_gc(tmp_path, capsys):
     config, cfg, store, refs = _setup(tmp_path, n_train=3)
-    stages.extract_split(cfg, store, refs, progress=False)
+    extract_stage.extract_split(cfg, store, refs, progress=False)
     assert main(["store", "ls", cfg.store, "--json"]) == 0
     units = json.loads(capsys.readouterr().out)
     assert len(units) == 3 and all(u["images"] == 3 and u["bytes"] > 0 for u in units)

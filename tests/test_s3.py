@@ -13,7 +13,9 @@ import boto3
 import numpy as np
 import pytest
 
-from flows import stages
+from flows import extract as extract_stage
+from flows import prepare as prepare_stage
+from flows import stage_keys
 from flows.cli import main
 from pipeline.config import load_config
 from storage.features import FeatureStore
@@ -128,14 +130,14 @@ def test_server_stopped_mid_extraction(s3, tmp_path, prefect_server, capsys, mon
     s3.start()
     cfg = load_config(config)
     store = FeatureStore(StoreLocation.parse(url))
-    refs = stages.prepare(cfg, store, "train").base
+    refs = prepare_stage.prepare(cfg, store, "train").base
     for t in cfg.features.steps:  # whatever is committed is whole; the interrupted image is not committed
-        unit = stages.unit_for(cfg, t)
+        unit = stage_keys.unit_for(cfg, t)
         for r in refs:
             blocks = sorted(store.committed_blocks(unit, r.image_id))
             for m in store.read_maps([unit], r.image_id, blocks) if blocks else []:
                 assert np.isfinite(m).all()
-    done = sum(len(store.committed_blocks(stages.unit_for(cfg, t), r.image_id)) == 2
+    done = sum(len(store.committed_blocks(stage_keys.unit_for(cfg, t), r.image_id)) == 2
                for t in cfg.features.steps for r in refs)
     assert done == 3  # three images finished before the outage
 
@@ -148,11 +150,11 @@ def test_two_concurrent_writers_to_s3_leave_one_good_copy(s3, tmp_path):
     url = f"s3://{BUCKET}/shared/concurrent"
     config = write_tiny_experiment(tmp_path, n_train=4, n_test=1, store=url,
                                    features={"steps": [50, 150], "blocks": [2, 3, 4], "batch_size": 1})
-    script = ("import sys\nfrom flows import stages\nfrom pipeline.config import load_config\n"
+    script = ("import sys\nfrom flows import prepare as prepare_stage, extract as extract_stage\nfrom pipeline.config import load_config\n"
               "from storage.features import FeatureStore\nfrom storage.location import StoreLocation\n"
               "cfg = load_config(sys.argv[1]); store = FeatureStore(StoreLocation.parse(cfg.store))\n"
-              "refs = stages.prepare(cfg, store, 'train').base\n"
-              "print(stages.extract_split(cfg, store, refs, progress=False)['unet_forwards'])\n")
+              "refs = prepare_stage.prepare(cfg, store, 'train').base\n"
+              "print(extract_stage.extract_split(cfg, store, refs, progress=False)['unet_forwards'])\n")
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     procs = [subprocess.Popen([sys.executable, "-c", script, str(config)], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent) for _ in range(2)]
@@ -164,9 +166,9 @@ def test_two_concurrent_writers_to_s3_leave_one_good_copy(s3, tmp_path):
     cfg = load_config(config)
     shared = FeatureStore(StoreLocation.parse(url))
     local = FeatureStore(StoreLocation.parse(tmp_path / "reference"))
-    refs = stages.prepare(cfg, local, "train").base
-    stages.extract_split(cfg, local, refs, progress=False)
-    units = [stages.unit_for(cfg, t) for t in cfg.features.steps]
+    refs = prepare_stage.prepare(cfg, local, "train").base
+    extract_stage.extract_split(cfg, local, refs, progress=False)
+    units = [stage_keys.unit_for(cfg, t) for t in cfg.features.steps]
     for r in refs:
         for a, b in zip(shared.read_maps(units, r.image_id, cfg.sorted_blocks),
                         local.read_maps(units, r.image_id, cfg.sorted_blocks)):

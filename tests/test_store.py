@@ -409,3 +409,25 @@ def test_write_bytes_is_atomic_and_leaves_no_temp_files(tmp_path):
     loc.delete("stages/train")
     assert not directory.exists()
     loc.delete("stages/train")  # deleting what is gone is fine
+
+
+def test_zarr_private_api_is_walled_off_and_the_pin_admits_only_checked_versions():
+    """Every zarr.core import lives in storage/zarr_internals.py; the installed zarr is one it was checked
+    against, and pyproject's lower bound is that module's (SupportsSetSync is new in zarr 3.1.6)."""
+    import re
+    from pathlib import Path
+
+    import zarr
+    from packaging.specifiers import SpecifierSet
+
+    from storage import zarr_internals
+
+    root = Path(__file__).resolve().parent.parent
+    for path in [*root.glob("storage/*.py"), *root.glob("pipeline/*.py"), *root.glob("flows/*.py")]:
+        if path.name != "zarr_internals.py":
+            assert not re.search(r"^\s*(from|import) zarr\.core", path.read_text(), re.M), path
+    assert zarr.__version__ in SpecifierSet(zarr_internals.CHECKED_ZARR_VERSIONS)
+    pin = re.search(r'"zarr([^"]+)"', (root / "pyproject.toml").read_text()).group(1)
+    assert SpecifierSet(pin) == SpecifierSet(zarr_internals.CHECKED_ZARR_VERSIONS)
+    for name in zarr_internals.__all__:
+        assert getattr(zarr_internals, name) is not None

@@ -120,7 +120,8 @@ def test_clusters_are_deterministic_for_a_seed(tiny_experiment, prefect_server, 
 def test_sweep_members_do_not_depend_on_the_runner(tiny_experiment, prefect_server):
     """Dropout draws from torch's global RNG during training: in a process pool (workers=2) and in-process
     (workers=1) every member must come out bit for bit the same."""
-    from flows import stages
+    from flows import prepare as prepare_stage
+    from flows import stage_keys
     from storage.features import FeatureStore
 
     runs = []
@@ -132,10 +133,10 @@ def test_sweep_members_do_not_depend_on_the_runner(tiny_experiment, prefect_serv
         runs.append((cfg, summary))
     (cfg, first), (_, second) = runs
     assert _mious(first) == _mious(second)
-    refs = stages.prepare_split(cfg, FeatureStore(first["store"]), "train", write=False)
+    refs = prepare_stage.prepare_split(cfg, FeatureStore(first["store"]), "train", write=False)
     for block in (3, 4):
-        train = stages.train_key(sweep.cell_config(cfg, block, 50, members=2, epochs=1), refs)
+        train = stage_keys.train_key(sweep.cell_config(cfg, block, 50, members=2, epochs=1), refs)
         for index in range(2):
-            a, _ = artifacts.read_member(StoreLocation.parse(first["store"]), stages.members_key(train), index)
-            b, _ = artifacts.read_member(StoreLocation.parse(second["store"]), stages.members_key(train), index)
+            a, _ = artifacts.read_member(StoreLocation.parse(first["store"]), stage_keys.members_key(train), index)
+            b, _ = artifacts.read_member(StoreLocation.parse(second["store"]), stage_keys.members_key(train), index)
             assert a.keys() == b.keys() and all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)

@@ -1,0 +1,53 @@
+"""What a config uses: the lock file beside its outputs (for `ddpmseg status`), and everything it needs from
+the store (for `ddpmseg store gc`)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import ExperimentConfig
+from storage.features import FeatureStore
+from storage.keys import Key
+from storage.maintenance import References
+from flows.outputs import read_json
+from flows.prepare import prepare
+from flows.stage_keys import ImageRef, evaluate_key, members_key, train_key, unit_for
+
+LOCK_NAME = "ddpmseg.lock.json"
+
+
+def lock_path(cfg: ExperimentConfig) -> Path:
+    return Path(cfg.output_dir) / LOCK_NAME
+
+
+def write_lock(cfg: ExperimentConfig, keys: dict[str, Key], refs: list[ImageRef]) -> None:
+    """Record each stage's key and inputs beside the outputs, like dvc.lock, merged with the previous lock."""
+    path = lock_path(cfg)
+    previous = read_lock(cfg)
+    stages_ = {**previous.get("stages", {}),
+               **{name: {"key": k.value, "inputs": k.inputs} for name, k in keys.items()}}
+    names = {**previous.get("names", {}), **{r.image_id: r.stem for r in refs}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"stages": stages_, "names": names}, indent=1, sort_keys=True))
+    tmp.replace(path)
+
+
+def read_lock(cfg: ExperimentConfig) -> dict[str, Any]:
+    return read_json(lock_path(cfg))
+
+
+def add_references(cfg: ExperimentConfig, store: FeatureStore, refs: References) -> References:
+    """Add everything `cfg` needs from the store to `refs` (for `ddpmseg store gc`)."""
+    split_refs = {split: prepare(cfg, store, split, write=False) for split in ("train", "test")}
+    for split, sr in split_refs.items():
+        for r in sr.extraction(cfg, split):
+            for t in cfg.features.steps:
+                refs.units.setdefault(unit_for(cfg, t, r.view).path, set()).add(r.image_id)
+        refs.view_images.update(r.image_id for r in sr.base + sr.views)
+    train = train_key(cfg, split_refs["train"].base + split_refs["train"].views)
+    refs.train_keys.add(train.value)
+    refs.member_keys.add(members_key(train))
+    refs.evaluate_keys.add(evaluate_key(cfg, train, split_refs["test"].base).value)
+    return refs

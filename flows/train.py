@@ -1,0 +1,133 @@
+"""The train stage: each ensemble member trained from the store, pixels sampled lazily from the native maps of
+a few images at a time; a member is written (one file, commit-last) under the members key of its train key."""
+from __future__ import annotations
+
+import itertools
+from typing import Any, Callable
+
+import torch
+
+from pipeline import classifier as clf
+from pipeline import features, memory, pixels
+from pipeline.config import ExperimentConfig
+from pipeline.threads import torch_threads
+from storage import artifacts
+from storage.features import FeatureStore
+from storage.keys import Key, digest
+from storage.location import StoreLocation
+from flows.stage_keys import BASE_VIEW, ImageRef, members_key, unit_for
+
+def _read_entry_maps(cfg: ExperimentConfig, store: FeatureStore, entry: str) -> list[torch.Tensor]:
+    """entry '<view>/<image_id>' -> that image's maps in the official order (float16, as stored)."""
+    view, image_id = entry.split("/")
+    units = [unit_for(cfg, t, view) for t in cfg.features.steps]
+    return [torch.from_numpy(m) for m in store.read_maps(units, image_id, cfg.sorted_blocks)]
+
+
+def map_reader(cfg: ExperimentConfig, store: FeatureStore, cache_size: int) -> Callable[[str], list[torch.Tensor]]:
+    """entry '<view>/<image_id>' -> that image's maps in the official order, a few images cached, as float32
+    channels-last (features.sampling_maps: sampled in place, 2x the float16 size)."""
+    cache: dict[str, list[torch.Tensor]] = {}
+
+    def maps_of(entry: str) -> list[torch.Tensor]:
+        if entry not in cache:
+            if len(cache) >= cache_size:
+                cache.pop(next(iter(cache)))
+                memory.release_free_memory()  # the evicted maps' pages, wherever the heaps hold them
+            cache[entry] = features.sampling_maps(_read_entry_maps(cfg, store, entry))
+        return cache[entry]
+
+    return maps_of
+
+
+def _slice_sampler(cfg: ExperimentConfig, store: FeatureStore, slots: int) -> Callable[[pixels.PixelSlice],
+                                                                                   torch.Tensor]:
+    """slice -> (n, D) features of its pixels. The images of the slice's buffer are held in one set of
+    features.MapTables (`slots` images, allocated once, float32 channels-last), each read from the store when a
+    slice first needs it; each slice is then sampled with one fused op per map, in slice order, into one of two
+    full-size slice buffers (allocated once: no page faults per slice, a footprint that does not grow with the
+    number of images or epochs)."""
+    tables: features.MapTables | None = None
+    slot_of: dict[str, int] = {}  # entry '<view>/<image_id>' -> its slot
+    outputs: list[torch.Tensor | None] = [None, None]  # two slice buffers used in turn (epoch_batches allows it)
+    calls = 0
+
+    def slice_features(part: pixels.PixelSlice) -> torch.Tensor:
+        nonlocal tables, calls
+        if any(entry not in slot_of for entry in part.images):  # a new buffer: keep what it shares, load the rest
+            kept = {entry: slot for entry, slot in slot_of.items() if entry in part.images}
+            free = [slot for slot in range(slots) if slot not in kept.values()]
+            for entry in part.images:
+                if entry not in kept:
+                    maps = _read_entry_maps(cfg, store, entry)
+                    if tables is None:
+                        tables = features.map_tables([tuple(m.shape) for m in maps], slots)
+                    kept[entry] = free.pop(0)
+                    features.load_maps(tables, kept[entry], maps)
+            slot_of.clear()
+            slot_of.update(kept)
+        slots_of_images = torch.tensor([slot_of[entry] for entry in part.images], dtype=torch.long)
+        ring, calls = calls % 2, calls + 1
+        if outputs[ring] is None or outputs[ring].shape[0] < len(part.labels):  # full size at once: a flat peak
+            rows = max(len(part.labels), pixels.SLICE_PIXELS)
+            outputs[ring] = torch.empty((rows, tables.dim), dtype=torch.float32)
+        return features.sample_tables(tables, slots_of_images[part.image], part.ys, part.xs, cfg.image_size,
+                                      out=outputs[ring])
+
+    return slice_features
+
+
+def feature_dim(cfg: ExperimentConfig, store: FeatureStore, image_id: str, view: str = BASE_VIEW) -> int:
+    units = [unit_for(cfg, t, view) for t in cfg.features.steps]
+    return sum(int(a.shape[0]) for u in units for a in store.feature_arrays(u, image_id, cfg.sorted_blocks))
+
+
+def member_seed(cfg: ExperimentConfig, index: int) -> int:
+    """Each member's seed derives from (classifier.seed, index) so members can train independently, in parallel."""
+    return int(digest(["member", cfg.classifier.seed, index])[:8], 16)
+
+
+def train_member(cfg: ExperimentConfig, store: FeatureStore, refs: list[ImageRef], key: Key, index: int,
+                 progress: bool = True, prefetch: bool = True) -> dict[str, Any]:
+    """Train ensemble member `index` from the store (skipped when committed); returns its info.
+
+    prefetch: read and sample the next slice of pixels in a second thread while the MLP trains (same result)."""
+    loc = store.location
+    if artifacts.member_committed(loc, members_key(key), index):
+        return {"member": index, "ran": False}
+    c, d = cfg.classifier, cfg.dataset
+    dim = feature_dim(cfg, store, refs[0].image_id, refs[0].view)
+    settings = clf.train_settings(cfg, dim)
+    memory.fix_malloc_thresholds()  # freed maps leave the process: the peak stays flat in the number of images
+    # the images of the current buffer (a buffer never holds more than the training set)
+    slice_features = _slice_sampler(cfg, store, slots=min(c.images_per_buffer, len(refs)))
+    labels = {r.entry: store.read_view_label(r.view, r.image_id, r.label_hash) for r in refs}
+    entries = [r.entry for r in refs]
+    seed = member_seed(cfg, index)
+    per_epoch = None  # the study keeps the paper's iterations per epoch on the enlarged set
+    if cfg.augmentation.keep_iterations and any(r.view != BASE_VIEW for r in refs):
+        base = [labels[r.entry] for r in refs if r.view == BASE_VIEW]
+        per_epoch = max(1, pixels.count_labelled(base, d.ignore_label) // c.batch_size)
+
+    def epoch_batches(epoch: int):
+        batches = pixels.epoch_batches(entries, labels.__getitem__, slice_features, d.ignore_label, c.batch_size,
+                                       epoch, seed, images_per_buffer=c.images_per_buffer, prefetch=prefetch)
+        return batches if per_epoch is None else itertools.islice(batches, per_epoch)
+
+    with torch_threads(1):  # identical numerics wherever a member trains; small MLPs are fastest on one thread
+        model, info = clf.train_member(settings, epoch_batches, seed=seed, progress=progress,
+                                       desc=f"member {index + 1}/{c.model_num}")
+    meta = {"number_class": d.number_class, "dim": dim, "dropout": c.dropout, "seed": seed, "index": index,
+            "train_key": key.value, **{k: v for k, v in info.items() if isinstance(v, (int, float, bool, str))}}
+    artifacts.write_member(loc, members_key(key), index, model.state_dict(), meta)
+    return {"member": index, "ran": True, **info}
+
+
+def load_members(loc: StoreLocation, key: Key, model_num: int) -> list[torch.nn.Module]:
+    members = []
+    for i in range(model_num):
+        state, meta = artifacts.read_member(loc, members_key(key), i)
+        model = clf.build_classifier(meta["number_class"], meta["dim"], meta.get("dropout", 0.0))
+        model.load_state_dict(state)
+        members.append(model.eval())
+    return members
