@@ -6,6 +6,8 @@
     ddpmseg extract|train|evaluate CONFIG         one stage (and what it needs)
     ddpmseg config import ddpm.json [--model-flags "..."]   an official experiment file -> our YAML
     ddpmseg config presets | show CONFIG
+    ddpmseg fetch checkpoint PRESET|NAME... | datasets | list    the official assets, into $DDPMSEG_HOME
+    ddpmseg reproduce PRESET... [--seeds 0,1,2] [--recipe paper|improved]   ours vs the published mIoU
 """
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ from typing import Any, Sequence
 
 import yaml
 
-from flows.runner import prefect_defaults, run_config, store_url
+from flows.fetch_cli import require_assets
+from flows.runner import prefect_defaults, run_config, seed_list, store_url
 
 EXIT_USER_ERROR = 2
 
@@ -27,9 +30,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from pipeline.config import ConfigError
     from pipeline.datasets import DatasetError
     from storage.features import StoreError
+    from storage.assets import AssetError
     from storage.location import StoreAccessError
 
-    return ConfigError, DatasetError, BackboneError, StoreError, StoreAccessError, FileNotFoundError
+    return ConfigError, DatasetError, BackboneError, StoreError, StoreAccessError, AssetError, FileNotFoundError
 
 
 def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
@@ -74,16 +78,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _seed_list(text: str) -> list[int]:
-    try:
-        seeds = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 0,1,2, got {text!r}") from None
-    if not seeds:
-        raise argparse.ArgumentTypeError("expected at least one seed")
-    return seeds
-
-
 def cmd_config(args: argparse.Namespace) -> int:
     from pipeline.config import import_official, load_config, config_to_dict
     from pipeline.presets import DATASET_PRESETS
@@ -109,7 +103,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     from flows.status import format_status, stage_status
     from pipeline.config import load_config
 
-    entries = stage_status(load_config(args.config), args.store)
+    cfg = load_config(args.config)
+    require_assets(cfg)
+    entries = stage_status(cfg, args.store)
     print(json.dumps(entries) if args.json else format_status(entries))
     return 0
 
@@ -265,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "(colour + coordinates) and random-unet (the same UNet, random weights). "
                                     "Prints a table, writes DIR/metrics.json and DIR/report.html.")
     sp.add_argument("--out", default="ddpmseg-demo", help="output directory (default ./ddpmseg-demo)")
-    sp.add_argument("--seeds", type=_seed_list, default=[0],
+    sp.add_argument("--seeds", type=seed_list, default=[0],
                     help="classifier seeds, e.g. 0,1,2: features are extracted once, one ensemble per seed "
                          "(default 0)")
     sp.add_argument("--train", type=int, default=10, help="labelled training images (default 10)")
@@ -277,9 +273,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     from flows.analysis_cli import add_analysis_commands
     from flows.backbone_cli import add_backbone_commands
+    from flows.fetch_cli import add_fetch_commands
+    from flows.reproduce import add_reproduce_command
 
     add_backbone_commands(sub)
     add_analysis_commands(sub)
+    add_fetch_commands(sub)
+    add_reproduce_command(sub)
 
     sp = sub.add_parser("config", help="import official experiment files, list presets, show a resolved config")
     csub = sp.add_subparsers(dest="config_cmd", required=True)

@@ -23,9 +23,11 @@ def run_config(config_path: str | Path, store: str | None = None, stages: tuple[
     flows/fastpath.py) the flow is not started and the summary it would have returned comes back with
     "flow_run": None. always_flow: run the flow anyway (so the run is recorded in Prefect)."""
     prefect_defaults()
+    from flows.fetch_cli import require_assets
     from pipeline.config import load_config
 
     cfg = load_config(config_path)  # validate before starting Prefect: a bad file fails fast
+    require_assets(cfg)  # a preset's missing checkpoint / data set: names the `ddpmseg fetch` command
     url = store_url(store) if store else cfg.store
     if not always_flow:
         from flows import fastpath
@@ -45,3 +47,16 @@ def store_url(url: str) -> str:
     from storage.location import StoreLocation
 
     return StoreLocation.parse(url).url
+
+
+def seed_list(text: str) -> list[int]:
+    """argparse type of --seeds: '0,1,2' -> [0, 1, 2]."""
+    import argparse
+
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 0,1,2, got {text!r}") from None
+    if not seeds:
+        raise argparse.ArgumentTypeError("expected at least one seed")
+    return seeds

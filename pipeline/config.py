@@ -25,12 +25,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from pipeline.augment import STUDY_TRAIN_TRANSFORMS, STUDY_TTA_VIEWS, TransformSpec
 from pipeline.backbone import OFFICIAL_MODEL_FLAGS
+from pipeline import fetched
 from pipeline.classifier import MIN_BATCH_SIZE, MIN_EPOCHS, OPTIMIZERS
 from pipeline.presets import DATASET_PRESETS, PAPER_BLOCKS, PAPER_STEPS
 
 #: The official 256x256 model flags (scripts/ddpm/train_interpreter.sh) on top of guided-diffusion's defaults.
 OFFICIAL_FLAGS: dict[str, Any] = dict(OFFICIAL_MODEL_FLAGS)
 _DEFAULT_CHANNEL_MULT = {512: 7, 256: 6, 128: 5, 64: 4}
+#: preset entries that are not dataset fields (see pipeline.presets.DATASET_PRESETS)
+_PRESET_NON_DATASET_KEYS = ("checkpoint", "reproduce")
 
 
 class ConfigError(ValueError):
@@ -101,7 +104,9 @@ class DatasetConfig(_Strict):
             name = data["preset"]
             if not isinstance(name, str) or name not in DATASET_PRESETS:
                 raise ValueError(f"unknown preset {name!r}; expected one of {sorted(DATASET_PRESETS)}")
-            preset = {k: v for k, v in DATASET_PRESETS[name].items() if k != "checkpoint"}
+            preset = {k: v for k, v in DATASET_PRESETS[name].items() if k not in _PRESET_NON_DATASET_KEYS}
+            if "train_dir" not in data and "test_dir" not in data:  # resolved in parse_config (official or fetched)
+                preset.update(train_dir=f"datasets/{name}/real/train", test_dir=f"datasets/{name}/real/test")
             data = {**preset, "name": name, **data}
         return data
 
@@ -359,9 +364,26 @@ def parse_config(data: dict[str, Any], base_dir: str | Path = ".", source: str =
             return p
         return str((base / Path(p).expanduser()).resolve())
 
-    cfg.dataset.train_dir = resolve(cfg.dataset.train_dir)
-    cfg.dataset.test_dir = resolve(cfg.dataset.test_dir)
-    cfg.model.checkpoint = resolve(cfg.model.checkpoint)
+    def official_or_fetched(relative: str, fetched_path: Path) -> str:
+        """A preset's default path: the official repository's layout beside the config when it exists there,
+        else the copy `ddpmseg fetch` puts in $DDPMSEG_HOME."""
+        local = base / relative
+        return str(local.resolve()) if local.exists() else str(fetched_path)
+
+    dataset_given, model_given = data.get("dataset"), data.get("model") or {}
+    preset = cfg.dataset.preset
+    if preset is not None and "train_dir" not in dataset_given and "test_dir" not in dataset_given:
+        train, test = fetched.dataset_dirs(preset)
+        cfg.dataset.train_dir = official_or_fetched(cfg.dataset.train_dir, train)
+        cfg.dataset.test_dir = official_or_fetched(cfg.dataset.test_dir, test)
+    else:
+        cfg.dataset.train_dir = resolve(cfg.dataset.train_dir)
+        cfg.dataset.test_dir = resolve(cfg.dataset.test_dir)
+    if preset is not None and cfg.model.checkpoint is not None and "checkpoint" not in model_given:
+        cfg.model.checkpoint = official_or_fetched(
+            cfg.model.checkpoint, fetched.checkpoint_path(DATASET_PRESETS[preset]["checkpoint"]))
+    else:
+        cfg.model.checkpoint = resolve(cfg.model.checkpoint)
     cfg.store = resolve(cfg.store)
     cfg.output_dir = resolve(cfg.output_dir or f"runs/{cfg.dataset.name}")
     return cfg

@@ -88,7 +88,9 @@ def _triples(flat: list[int]) -> list[list[int]]:
     return [list(flat[i:i + 3]) for i in range(0, len(flat), 3)]
 
 
-#: name -> dataset fields (see pipeline.config.DatasetConfig) and the default backbone checkpoint.
+#: name -> dataset fields (see pipeline.config.DatasetConfig), the default backbone checkpoint (a file name under
+#: checkpoints/ddpm/, fetched by `ddpmseg fetch checkpoint <stem>`) and, optionally, "reproduce": config sections
+#: that `ddpmseg reproduce` merges into the experiment it writes (none for the paper's data sets).
 DATASET_PRESETS: dict[str, dict] = {
     "bedroom_28": dict(number_class=29, ignore_label=0, training_number=40, testing_number=20,
                        class_names=BEDROOM_CLASSES, palette=_triples(BEDROOM_PALETTE), checkpoint="lsun_bedroom.pt"),
@@ -106,3 +108,16 @@ DATASET_PRESETS: dict[str, dict] = {
 }
 PAPER_STEPS = [50, 150, 250]
 PAPER_BLOCKS = [5, 6, 7, 8, 12]
+
+
+#: Published mIoU (%) per preset, from shared/reference/official-behaviour.md: "paper" is the DDPM row of the
+#: paper's table (value, ±); "reproduction" (the baseline re-run for 11 epochs) and "improved" (augmentations +
+#: AdamW/dropout + TTA) are the later study's figures, published without a ±.
+PUBLISHED_MIOU: dict[str, dict[str, tuple[float, float | None]]] = {
+    "bedroom_28": {"paper": (49.4, 1.9), "reproduction": (50.05, None), "improved": (52.0, None)},
+    "ffhq_34": {"paper": (59.1, 1.4), "reproduction": (57.91, None), "improved": (58.12, None)},
+    "cat_15": {"paper": (53.7, 3.3), "reproduction": (57.53, None), "improved": (59.54, None)},
+    "horse_21": {"paper": (65.0, 0.8), "reproduction": (64.03, None), "improved": (65.33, None)},
+    "celeba_19": {"paper": (59.9, 1.0)},
+    "ade_bedroom_30": {"paper": (34.6, 1.7)},
+}
