@@ -52,8 +52,9 @@ def write_yaml(path: Path, data) -> Path:
 
 # -- presets -------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", sorted(OFFICIAL_TABLE))
-def test_preset_loads_with_train_and_test_dirs_only(tmp_path, name):
+def test_preset_loads_with_train_and_test_dirs_only(tmp_path, name, monkeypatch):
     number_class, ignore_label, n_train, n_test, checkpoint = OFFICIAL_TABLE[name]
+    monkeypatch.setenv("DDPMSEG_HOME", str(tmp_path / "home"))
     cfg = load_config(write_yaml(tmp_path / "exp.yaml", minimal(name)))
     ds = cfg.dataset
     assert ds.name == name and ds.preset == name
@@ -62,7 +63,8 @@ def test_preset_loads_with_train_and_test_dirs_only(tmp_path, name):
     assert len(ds.class_names) == number_class and len(ds.palette) == number_class
     assert all(len(rgb) == 3 and all(0 <= c <= 255 for c in rgb) for rgb in ds.palette)
     assert ds.class_names[0] in ("background", "wall")
-    assert cfg.model.checkpoint == str(tmp_path.resolve() / "checkpoints" / "ddpm" / checkpoint)
+    # the default checkpoint: checkpoints/ddpm/<name> beside the config if there, else the fetched one
+    assert cfg.model.checkpoint == str(tmp_path.resolve() / "home" / "checkpoints" / "ddpm" / checkpoint)
     assert not cfg.model.random_init
     assert cfg.features.steps == [50, 150, 250] and cfg.features.blocks == [5, 6, 7, 8, 12]
     assert cfg.features.share_noise and not cfg.features.input_activations
