@@ -9,7 +9,10 @@
     store: ./ddpmseg-store             # or s3://bucket/prefix
     output_dir: runs/ffhq_34
 
-Relative paths are resolved against the directory of the config file. Unknown keys, wrong types, a block
+Relative paths are resolved against the directory of the config file. A preset's defaults: with neither
+dataset.train_dir nor test_dir, datasets/<preset>/real/{train,test}; without model.checkpoint,
+checkpoints/ddpm/<its checkpoint>; each beside the config file when it exists there (the official repository's
+layout), else in the cache `ddpmseg fetch` fills (pipeline/fetched.py). Unknown keys, wrong types, a block
 outside the model and a timestep outside [0, diffusion_steps) are `ConfigError`s naming the key and the range.
 """
 from __future__ import annotations
@@ -23,9 +26,9 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pipeline import fetched
 from pipeline.augment import STUDY_TRAIN_TRANSFORMS, STUDY_TTA_VIEWS, TransformSpec
 from pipeline.backbone import OFFICIAL_MODEL_FLAGS
-from pipeline import fetched
 from pipeline.classifier import MIN_BATCH_SIZE, MIN_EPOCHS, OPTIMIZERS
 from pipeline.presets import DATASET_PRESETS, PAPER_BLOCKS, PAPER_STEPS
 

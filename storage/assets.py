@@ -67,6 +67,7 @@ class Asset:
     approx_bytes: int | None = None  # estimate for planning disk and time (see `size_source`)
     size_source: str = ""          # where approx_bytes comes from
     archive: bool = False          # a .tar.gz unpacked into local_path (a directory)
+    also_at: tuple[str, ...] = ()  # other places the same file is published (named in errors; never fetched silently)
 
     @property
     def filename(self) -> str:
@@ -86,6 +87,7 @@ class Asset:
 _DDPM_BYTES = 2_211_256_344
 _DDPM_SOURCE = "estimated: the float32 tensor bytes of the official flags' state dict"
 CHECKPOINT_NAMES = ("lsun_bedroom", "ffhq", "lsun_cat", "lsun_horse")
+_GUIDED_DIFFUSION_URL = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/"
 #: family -> (URL folder under models/, local folder under checkpoints/, file suffix)
 CHECKPOINT_FAMILIES: dict[str, tuple[str, str]] = {
     "ddpm": ("ddpm_checkpoints", ".pt"),
@@ -100,9 +102,11 @@ def _official_manifest() -> dict[str, Asset]:
     for family, (folder, suffix) in CHECKPOINT_FAMILIES.items():
         for name in CHECKPOINT_NAMES:
             ddpm = family == "ddpm"
+            # the official README links the LSUN DDPMs to guided-diffusion's own release
+            also_at = (f"{_GUIDED_DIFFUSION_URL}{name}.pt",) if ddpm and name.startswith("lsun_") else ()
             assets[f"{family}/{name}"] = Asset(
                 name=f"{family}/{name}", url_path=f"models/{folder}/{name}{suffix}",
-                local_path=f"checkpoints/{family}/{name}{suffix}",
+                local_path=f"checkpoints/{family}/{name}{suffix}", also_at=also_at,
                 approx_bytes=_DDPM_BYTES if ddpm else None, size_source=_DDPM_SOURCE if ddpm else "unknown")
     assets["datasets"] = Asset(name="datasets", url_path="datasets.tar.gz", local_path="datasets", archive=True,
                                approx_bytes=47_000_000, size_source="the official README: ~47 MB")
@@ -197,7 +201,8 @@ def _by_hand(asset: Asset, url: str, home: Path) -> str:
         how = f"download {url} and unpack it with `tar -xzf {asset.filename} -C {asset.path(home)}`"
     else:
         how = f"download {url} and save it as {target}"
-    return (f"to place it by hand: {how}; or point ${BASE_URL_ENV} (all assets) or ${url_env_name(asset)} "
+    also = f" (also published at {', '.join(asset.also_at)})" if asset.also_at else ""
+    return (f"to place it by hand: {how}{also}; or point ${BASE_URL_ENV} (all assets) or ${url_env_name(asset)} "
             f"(this one) at a mirror")
 
 
@@ -208,14 +213,16 @@ class _Cut(Exception):
 def _progress_bar(asset: Asset, total: int | None, initial: int, stream: IO[str] | None):
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, unit="B", unit_scale=True, unit_divisor=1000, file=stream or sys.stderr,
+    # counted in MB (float) so the rate always reads MB/s
+    return tqdm(total=None if total is None else total / 1e6, initial=initial / 1e6, unit="MB", file=stream or sys.stderr,
                 desc=asset.filename, dynamic_ncols=True, mininterval=0.5,
-                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}B/{total_fmt}B {rate_fmt} ETA {remaining}")
+                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f} MB {rate_fmt} ETA {remaining}"
+                if total is not None else "{desc}: {n:.1f} MB {rate_fmt}")
 
 
 def _transfer(asset: Asset, url: str, part: Path, timeout: float, progress: bool,
               stream: IO[str] | None) -> tuple[int, int]:
-    """Download `url` into `part`, continuing from its size. Returns (bytes in part, announced total or -1).
+    """Download `url` into `part`, continuing from its size. Returns (bytes continued from, announced total or -1).
     Raises _Cut when the connection ends early, urllib/OS errors when none could be opened."""
     offset = part.stat().st_size if part.exists() else 0
     headers = {"User-Agent": "ddpmseg"}
@@ -257,13 +264,13 @@ def _transfer(asset: Asset, url: str, part: Path, timeout: float, progress: bool
                     out.write(block)
                     written += len(block)
                     if bar is not None:
-                        bar.update(len(block))
+                        bar.update(len(block) / 1e6)
         finally:
             if bar is not None:
                 bar.close()
     if total >= 0 and written < total:
         raise _Cut(f"connection closed after {written} of {total} bytes")
-    return written, total
+    return offset, total
 
 
 def _verify(asset: Asset, home: Path, part: Path, url: str, total: int) -> tuple[str, str]:
@@ -292,6 +299,46 @@ def _verify(asset: Asset, home: Path, part: Path, url: str, total: int) -> tuple
     return digest, source
 
 
+class _DownloadLock:
+    """`<file>.lock` holding the downloading process's id, created exclusively: two fetches of one asset never
+    append to the same part. A lock whose process no longer runs (killed) is taken over."""
+
+    def __init__(self, path: Path, url: str):
+        self.path, self.url = path, url
+
+    def __enter__(self) -> "_DownloadLock":
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                try:
+                    pid = int(self.path.read_text() or "0")
+                except (OSError, ValueError):
+                    pid = 0
+                if pid and _process_runs(pid):
+                    raise AssetError(f"another ddpmseg fetch (process {pid}) is downloading {self.url} "
+                                     f"(lock {self.path}); wait for it to finish") from None
+                self.path.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+            return self
+        raise AssetError(f"cannot take the download lock {self.path}; delete it if no ddpmseg fetch is running")
+
+    def __exit__(self, *exc: object) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def _process_runs(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
 def fetch(asset: Asset, home: Path, *, progress: bool = True, timeout: float = 60.0, attempts: int = 3,
           stream: IO[str] | None = None) -> FetchResult:
     """Download (resuming), verify and put one asset in place under `home`; unpack the data set archive.
@@ -305,16 +352,28 @@ def fetch(asset: Asset, home: Path, *, progress: bool = True, timeout: float = 6
     target = asset.download_path(home)
     target.parent.mkdir(parents=True, exist_ok=True)
     part = target.with_name(target.name + ".part")
-    resumed_from = part.stat().st_size if part.exists() else 0
+    with _DownloadLock(target.with_name(target.name + ".lock"), url):
+        return _fetch_locked(asset, home, url, target, part, progress, timeout, attempts, stream)
+
+
+def _fetch_locked(asset: Asset, home: Path, url: str, target: Path, part: Path, progress: bool, timeout: float,
+                  attempts: int, stream: IO[str] | None) -> FetchResult:
+    if is_present(asset, home):  # another fetch finished it between the caller's check and the lock
+        return FetchResult(asset.name, str(asset.path(home)), url, "present", 0, None, "")
+    resumed_from = 0
     started = time.perf_counter()
     total = -1
     for attempt in range(1, max(1, attempts) + 1):
         before = part.stat().st_size if part.exists() else 0
         try:
-            _, total = _transfer(asset, url, part, timeout, progress, stream)
+            continued, total = _transfer(asset, url, part, timeout, progress, stream)
+            if attempt == 1:
+                resumed_from = continued
             break
         except _Cut as cut:
             now = part.stat().st_size if part.exists() else 0
+            if attempt == 1:
+                resumed_from = before
             if attempt < attempts and now > before:
                 continue  # progress was made: resume from the new end
             raise AssetError(f"download of {url} stopped at {now / 1e6:.1f} MB ({cut}); the part is kept at {part}: "

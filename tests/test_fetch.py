@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import shutil
 import socket
 import tarfile
@@ -236,6 +237,23 @@ def test_server_down_gives_one_clear_line(home, monkeypatch, capsys):
     assert lines[0].startswith(f"ddpmseg: error: cannot download {url}: ")
     assert f"save it as {home / 'checkpoints' / 'ddpm' / 'tiny.pt'}" in lines[0]
     assert "DDPMSEG_ASSETS_URL" in lines[0] and "DDPMSEG_URL_DDPM_TINY" in lines[0]
+
+
+def test_two_fetches_of_one_asset_never_share_a_part(home, server):
+    import subprocess
+    import sys
+
+    asset = assets.MANIFEST["ddpm/tiny"]
+    lock = asset.path(home).with_name("tiny.pt.lock")
+    lock.parent.mkdir(parents=True)
+    lock.write_text(str(os.getpid()))  # a running process holds it
+    with pytest.raises(AssetError, match=f"another ddpmseg fetch \\(process {os.getpid()}\\) is downloading"):
+        assets.fetch(asset, home, progress=False)
+    assert server.requests == []
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock.write_text(gone.stdout.strip())  # its process has exited: a stale lock is taken over
+    assert assets.fetch(asset, home, progress=False).state == "downloaded"
+    assert not lock.exists()
 
 
 def test_per_asset_url_override(home, server, monkeypatch):
