@@ -365,3 +365,36 @@ def test_reproduce_end_to_end_with_two_seeds(home, server, tiny_preset, prefect_
     again = json.loads(capsys.readouterr().out)
     assert [r["unet_forwards"] for r in again["runs"]] == [0, 0]
     assert again["rows"][0]["miou"] == pytest.approx(entry["miou"])
+
+
+def test_checkpoint_names_accept_presets_names_families_and_all():
+    from flows.fetch_cli import checkpoint_names
+
+    assert checkpoint_names(["ffhq_34", "celeba_19", "lsun_cat", "mae/ffhq"]) == ["ddpm/ffhq", "ddpm/lsun_cat",
+                                                                                 "mae/ffhq"]
+    assert checkpoint_names(["bedroom_28"], family="swav") == ["swav/lsun_bedroom"]
+    assert checkpoint_names(["all"]) == ["ddpm/lsun_bedroom", "ddpm/ffhq", "ddpm/lsun_cat", "ddpm/lsun_horse"]
+
+
+def test_comparison_rows_for_both_recipes():
+    from flows.reproduce import compare, format_table
+
+    row = compare("ffhq_34", "paper", {0: 58.0, 1: 60.0, 2: 59.0})
+    assert row["miou"] == pytest.approx(59.0) and row["miou_std"] == pytest.approx((2 / 3) ** 0.5)
+    assert row["paper"] == 59.1 and row["paper_pm"] == 1.4
+    assert row["diff_paper"] == pytest.approx(-0.1) and row["within_paper"] is True
+    far = compare("cat_15", "improved", {0: 40.0, 1: 42.0})
+    assert far["within_paper"] is False and far["study_improved"] == 59.54
+    assert far["diff_study"] == pytest.approx(41.0 - 59.54)
+    text = format_table([row, far])
+    header, _, first, second = text.splitlines()
+    assert "study (improved)" in header and "difference vs study" in header
+    assert first.split()[:5] == ["ffhq_34", "paper", "0,1,2", "59.0", "±"] and "yes" in first
+    assert "59.54" in second and "-18.5" in second and " no " in second
+    unpublished = compare("ade_bedroom_30", "improved", {0: 30.0})
+    assert unpublished["study_improved"] is None and unpublished["within_paper"] is False
+
+
+def test_reproduce_unknown_preset_is_a_user_error(tmp_path, capsys):
+    assert main(["reproduce", "ffhq_35", "--out", str(tmp_path / "r")]) == 2
+    assert "unknown preset 'ffhq_35'" in capsys.readouterr().err
