@@ -154,12 +154,14 @@ def run_reproduce(presets: Sequence[str], seeds: Sequence[int] = (0, 1, 2), reci
             cfg = reproduce_config(preset, seed, recipe, store_url, str(out / "runs" / preset / recipe / f"s{seed}"))
             path.write_text(yaml.safe_dump(cfg, sort_keys=False))
             fetch_missing(path, progress=progress)
+            run_started = time.perf_counter()
             summary = run(path)
             per_seed[seed] = float(summary["miou"])
             runs.append({"preset": preset, "seed": seed, "config": str(path), "miou": summary["miou"],
                          "miou_standard": summary.get("miou_standard"), "metrics_path": summary.get("metrics_path"),
                          "unet_forwards": summary.get("unet_forwards", 0),
-                         "members_trained": summary.get("members_trained", 0)})
+                         "members_trained": summary.get("members_trained", 0),
+                         "wall_s": time.perf_counter() - run_started})
         rows.append(compare(preset, recipe, per_seed))
     table_path = out / "reproduce.md"
     table_path.write_text(format_markdown(rows) + "\n" + _NOTE + "\n")
@@ -173,10 +175,10 @@ def run_reproduce(presets: Sequence[str], seeds: Sequence[int] = (0, 1, 2), reci
                              tables=[report.Table(columns, cells, caption=f"recipe {recipe}, seeds {list(seeds)}")]),
         report.ReportSection("Runs", "one run per (preset, seed); configs under configs/, outputs under runs/",
                              tables=[report.Table(["preset", "seed", "mIoU", "mIoU (standard)", "UNet forwards",
-                                                   "members trained", "metrics"],
+                                                   "members trained", "wall (s)", "metrics"],
                                                   [[r["preset"], r["seed"], r["miou"], r["miou_standard"],
-                                                    r["unet_forwards"], r["members_trained"], r["metrics_path"]]
-                                                   for r in runs])]),
+                                                    r["unet_forwards"], r["members_trained"], r["wall_s"],
+                                                    r["metrics_path"]] for r in runs])]),
     ])
     return result
 

@@ -40,6 +40,7 @@ from typing import IO, Any
 
 __all__ = [
     "OFFICIAL_BASE_URL", "BASE_URL_ENV", "Asset", "AssetError", "FetchResult", "MANIFEST", "CHECKPOINT_FAMILIES",
+    "CHECKPOINT_NAMES",
     "asset_url", "url_env_name", "checkpoint_asset", "is_present", "fetch", "recorded_digests", "sha256_of",
     "unpack_datasets", "DATASETS_MARKER",
 ]
@@ -88,7 +89,7 @@ _DDPM_BYTES = 2_211_256_344
 _DDPM_SOURCE = "estimated: the float32 tensor bytes of the official flags' state dict"
 CHECKPOINT_NAMES = ("lsun_bedroom", "ffhq", "lsun_cat", "lsun_horse")
 _GUIDED_DIFFUSION_URL = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/"
-#: family -> (URL folder under models/, local folder under checkpoints/, file suffix)
+#: family -> (URL folder under models/, file suffix); fetched to checkpoints/<family>/<name><suffix>
 CHECKPOINT_FAMILIES: dict[str, tuple[str, str]] = {
     "ddpm": ("ddpm_checkpoints", ".pt"),
     "mae": ("mae_checkpoints", ".pth"),

@@ -358,6 +358,7 @@ def test_reproduce_end_to_end_with_two_seeds(home, server, tiny_preset, prefect_
     assert [load_config(c).classifier.seed for c in configs] == [0, 1]
     assert [r["unet_forwards"] for r in result["runs"]] == [4, 4]
     assert [r["members_trained"] for r in result["runs"]] == [2, 2]
+    assert all(r["wall_s"] > 0 for r in result["runs"])
     assert TINY_PRESET in (out / "reproduce.md").read_text() and (out / "report.html").is_file()
 
     # a re-run reuses the store: no forwards, no members, same table
