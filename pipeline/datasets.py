@@ -3,9 +3,17 @@
 A split directory holds images (``.png``, ``.jpg``, ``.jpeg``, any case; searched recursively, sorted by
 path string) and, beside each image, a ``.npy`` label with the same stem: an (H, W) array of class ids.
 
+Files and directories whose name starts with ``.`` (``._00001.png`` from macOS, ``.ipynb_checkpoints``) are not
+part of a split. Two images of one directory with the same stem (``00001.png`` and ``00001.jpg``) are refused:
+a label is found, and an output mask written, by stem.
+
 Image transform (as the official code: PIL + torchvision ``Resize(resolution)``, ``ToTensor``, ``2x - 1``):
 PIL ``open``, ``convert("RGB")``, must be square, PIL bilinear resize to (resolution, resolution),
 ``/255``, ``2x - 1`` -> float32 (3, R, R) in [-1, 1].
+8-bit modes (``EIGHT_BIT_MODES``: RGB, L, P, 1, RGBA, LA, CMYK, ...) go through ``convert("RGB")`` exactly as
+the official code does. 16-bit grayscale (PNG: mode ``I;16``, ``I;16B``, ``I``), which ``convert("RGB")`` would
+clip to white, keeps its high byte (``v >> 8``: what PIL itself does to 16-bit RGB PNGs), then ``L -> RGB``.
+Any other mode (32-bit float, ...) is refused with a DatasetError naming the file and its mode.
 
 Label transform (as the official code: ``np.load(...).astype("uint8")`` then OpenCV ``INTER_NEAREST``
 resize): nearest neighbour with OpenCV's sampling, source index = floor(dst_index * src / dst).
@@ -56,9 +64,12 @@ def _check_resolution(resolution: int) -> None:
 
 
 def _list_images_recursively(directory: Path) -> list[Path]:
-    """Image files under ``directory`` (following directory links, like the official listing)."""
+    """Image files under ``directory`` (following directory links, like the official listing); hidden names
+    (starting with ``.``) are skipped."""
     found: list[Path] = []
     for entry in sorted(os.scandir(directory), key=lambda e: e.name):
+        if entry.name.startswith("."):
+            continue
         if entry.is_dir():
             found.extend(_list_images_recursively(Path(entry.path)))
         elif entry.is_file() and os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
@@ -80,6 +91,7 @@ def list_pairs(root: str | Path) -> list[tuple[Path, Path]]:
     if not root.is_dir():
         raise DatasetError(f"split directory {root} does not exist or is not a directory")
     images = sorted(_list_images_recursively(root), key=str)
+    _refuse_shared_stems(images)
     pairs: list[tuple[Path, Path]] = []
     for image_path in images:
         label_path = label_path_for(image_path)
@@ -92,13 +104,55 @@ def list_pairs(root: str | Path) -> list[tuple[Path, Path]]:
     return pairs
 
 
+def _refuse_shared_stems(images: list[Path]) -> None:
+    """DatasetError naming both files when two images of one directory share a stem (``00001.png`` and
+    ``00001.jpg``): both would be paired with the one label ``00001.npy``, and their output masks share a name."""
+    first_of: dict[Path, Path] = {}
+    for path in images:
+        other = first_of.setdefault(path.with_suffix(""), path)
+        if other != path:
+            raise DatasetError(
+                f"images {other} and {path} have the same stem {path.stem!r}: labels ({path.stem}{LABEL_SUFFIX}) "
+                f"and output masks are named by stem; keep one of them or rename the other"
+            )
+
+
+#: modes whose ``convert("RGB")`` is the official decoding (8 bits per channel, palettes, bilevel)
+EIGHT_BIT_MODES = frozenset({"1", "L", "P", "RGB", "RGBA", "RGBX", "RGBa", "CMYK", "YCbCr", "LA", "La", "PA"})
+#: single-channel 16-bit modes (PNG 16-bit grayscale): decoded by their high byte
+SIXTEEN_BIT_GRAY_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+
+
+def _to_rgb(opened: Image.Image, path: Path) -> Image.Image:
+    """A decoded PIL image as 8-bit RGB: the official ``convert("RGB")`` for 8-bit modes, the high byte of
+    16-bit grayscale; DatasetError naming the file and mode for anything else."""
+    mode = opened.mode
+    if mode in EIGHT_BIT_MODES:
+        return opened.convert("RGB")
+    if mode in SIXTEEN_BIT_GRAY_MODES:
+        values = np.asarray(opened).astype(np.int64)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise DatasetError(
+                f"image {path} has mode {mode} with values in [{values.min()}, {values.max()}]; expected "
+                f"16-bit grayscale 0..65535"
+            )
+        return Image.fromarray((values >> 8).astype(np.uint8), mode="L").convert("RGB")
+    raise DatasetError(
+        f"image {path} has mode {mode}, which cannot be decoded to 8-bit RGB without guessing its range; "
+        f"expected 8-bit (RGB, L, P, RGBA, LA, CMYK, 1) or 16-bit grayscale/RGB"
+    )
+
+
 def _open_rgb(path: Path) -> Image.Image:
-    """The image at ``path`` decoded and converted to RGB; DatasetError names the file and PIL's reason."""
+    """The image at ``path`` decoded and converted to 8-bit RGB (see ``_to_rgb``); DatasetError names the file
+    and PIL's reason."""
     try:
         with Image.open(path) as opened:
             opened.load()
-            rgb = opened.convert("RGB")
+            rgb = _to_rgb(opened, path)
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as error:
+        if isinstance(error, DatasetError):
+            raise
         raise DatasetError(f"cannot read image {path}: {error}") from error
     return rgb
 

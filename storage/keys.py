@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,27 +59,45 @@ def _digest_cache_path() -> Path:
     return Path(base) / "file-digests.json"
 
 
+#: a file changed this recently (mtime or ctime) before hashing began is not cached: a rewrite within the
+#: timestamp granularity (coarse kernel clock, ~4 ms; whole seconds on some file systems) could leave every
+#: stat field as it was.
+RACY_WINDOW_NS = 2_000_000_000
+
+
+def _stat_marker(p: Path, st: os.stat_result) -> str:
+    """Identity of one version of a file: path, size, mtime, device, inode and ctime. A replacement with the same
+    size and mtime (`cp -p`, an archive, a copy over the file) gets a new inode (rename) or a new ctime (rewrite
+    in place): ctime cannot be set from user space."""
+    return f"{p}|{st.st_size}|{st.st_mtime_ns}|{st.st_dev}|{st.st_ino}|{st.st_ctime_ns}"
+
+
 def file_digest(path: str | Path) -> str:
-    """sha256 of a file's bytes, cached locally by (absolute path, size, mtime) so large checkpoints hash once.
+    """sha256 of a file's bytes, cached locally by (absolute path, size, mtime, device, inode, ctime) so large
+    checkpoints hash once; a file changed within RACY_WINDOW_NS of hashing is hashed again next time.
 
     The cache only avoids re-reading: the digest itself depends on the bytes alone.
     """
     p = Path(path).resolve()
     st = p.stat()
     cache_file = _digest_cache_path()
-    marker = f"{p}|{st.st_size}|{st.st_mtime_ns}"
+    marker = _stat_marker(p, st)
     try:
         cache = json.loads(cache_file.read_text())
     except (OSError, ValueError):
         cache = {}
-    if marker in cache:
+    if isinstance(cache, dict) and isinstance(cache.get(marker), str):
         return cache[marker]
+    started = time.time_ns()
     h = hashlib.sha256()
     with open(p, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     value = h.hexdigest()
-    cache = {k: v for k, v in cache.items() if not k.startswith(f"{p}|")}
+    after = p.stat()
+    if _stat_marker(p, after) != marker or max(after.st_mtime_ns, after.st_ctime_ns) > started - RACY_WINDOW_NS:
+        return value  # changed while or just before it was read: not cached
+    cache = {k: v for k, v in (cache if isinstance(cache, dict) else {}).items() if not k.startswith(f"{p}|")}
     cache[marker] = value
     try:
         cache_file.parent.mkdir(parents=True, exist_ok=True)

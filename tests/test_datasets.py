@@ -280,3 +280,86 @@ def test_fewer_images_than_asked_says_found_and_asked(tmp_path):
     with pytest.raises(DatasetError) as error:
         load_split(tmp_path, 5, 16, 3, 255, train=True)
     assert str(tmp_path) in str(error.value) and "found 3" in str(error.value) and "config asks 5" in str(error.value)
+
+
+# ------------------------------------------------------------------------------- image modes, odd files
+
+
+def _png16(path: Path, values: np.ndarray, color_type: int) -> Path:
+    """A 16-bit PNG written byte by byte (PIL cannot write 16-bit RGB): values (H, W[, C]) uint16;
+    color_type 0 gray, 2 RGB, 4 gray + alpha, 6 RGBA."""
+    import struct
+    import zlib
+
+    height, width = values.shape[:2]
+    rows = b"".join(b"\x00" + values[y].astype(">u2").tobytes() for y in range(height))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 16, color_type, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def test_16_bit_grayscale_png_decodes_like_its_8_bit_original(tmp_path):
+    """PIL's convert("RGB") clips 16-bit values to 255 (an all-white input); the high byte is the image."""
+    eight = np.random.default_rng(3).integers(0, 256, (16, 16), dtype=np.uint8)
+    reference = load_image(write_image(tmp_path / "gray8.png", eight), 16)
+    path = _png16(tmp_path / "gray16.png", eight.astype(np.uint16) * 257, color_type=0)
+    assert Image.open(path).mode == "I;16"
+    tensor = load_image(path, 16)
+    assert torch.equal(tensor, reference)
+    assert tensor.min() < 0  # not saturated to white
+
+
+@pytest.mark.parametrize("color_type", [2, 4, 6])
+def test_16_bit_colour_pngs_decode_like_their_8_bit_originals(tmp_path, color_type):
+    channels = {2: 3, 4: 2, 6: 4}[color_type]
+    eight = np.random.default_rng(4).integers(0, 256, (16, 16, channels), dtype=np.uint8)
+    path = _png16(tmp_path / f"c{color_type}.png", eight.astype(np.uint16) * 257, color_type)
+    expected = Image.fromarray(eight if channels != 2 else eight[..., 0], mode={3: "RGB", 2: "L", 4: "RGBA"}[channels])
+    np.testing.assert_array_equal(load_image(path, 16).numpy(), hand_transform(expected, 16))
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "P", "1", "LA", "RGBA", "CMYK"])
+def test_8_bit_modes_decode_exactly_as_pil_convert_rgb(tmp_path, mode):
+    """The official decoding (PIL convert("RGB")) for every 8-bit mode: recipe paper stays identical."""
+    pixels = np.random.default_rng(5).integers(0, 256, (12, 12, 3), dtype=np.uint8)
+    suffix = ".jpg" if mode == "CMYK" else ".png"
+    path = write_image(tmp_path / f"img_{mode}{suffix}", pixels, mode=mode)
+    assert Image.open(path).mode == mode
+    np.testing.assert_array_equal(load_image(path, 12).numpy(), hand_transform(Image.open(path), 12))
+
+
+def test_image_mode_that_cannot_be_decoded_is_refused_by_name(tmp_path):
+    """A float image (a TIFF behind a .png name: PIL opens by content) has no known range: refused, naming the
+    file and its mode, not clipped."""
+    path = tmp_path / "float.png"
+    Image.fromarray(np.full((8, 8), 0.5, np.float32)).save(path, format="TIFF")
+    with pytest.raises(DatasetError) as caught:
+        load_image(path, 8)
+    message = str(caught.value)
+    assert str(path) in message and "mode F" in message and "\n" not in message
+
+
+def test_same_stem_with_two_extensions_is_refused_naming_both(tmp_path):
+    write_pair(tmp_path, "00001", suffix=".png")
+    write_pair(tmp_path, "00001", suffix=".jpg", seed=1)
+    write_pair(tmp_path, "00002")
+    with pytest.raises(DatasetError) as caught:
+        list_pairs(tmp_path)
+    message = str(caught.value)
+    assert str(tmp_path / "00001.png") in message and str(tmp_path / "00001.jpg") in message
+    assert "\n" not in message
+
+
+def test_hidden_files_and_directories_are_not_images(tmp_path):
+    """macOS leaves ._00001.png (AppleDouble metadata, not a PNG) beside each file; notebooks leave
+    .ipynb_checkpoints/: neither is part of the split."""
+    write_pair(tmp_path, "00001")
+    (tmp_path / "._00001.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    write_pair(tmp_path / ".ipynb_checkpoints", "00001-checkpoint")
+    assert [image.name for image, _ in list_pairs(tmp_path)] == ["00001.png"]
+    assert len(load_split(tmp_path, None, 16, 3, 255, train=False)) == 1

@@ -6,11 +6,13 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from storage import keys
 from storage.keys import SCHEMA_VERSION, Key, array_digest, canonical_json, digest, file_digest
 
 
@@ -91,9 +93,11 @@ def test_array_digest_refuses_object_arrays():
 def test_file_digest_is_sha256_of_the_bytes_and_uses_the_cache(tmp_path, monkeypatch):
     cache_dir = tmp_path / "cache"
     monkeypatch.setenv("DDPMSEG_CACHE_DIR", str(cache_dir))
+    monkeypatch.setattr(keys, "RACY_WINDOW_NS", 0)  # trust a file changed before hashing began
     f = tmp_path / "checkpoint.pt"
     f.write_bytes(b"weights" * 1000)
     expected = hashlib.sha256(f.read_bytes()).hexdigest()
+    time.sleep(0.05)  # the kernel's coarse file clock may lag time.time_ns() by a few ms
     assert file_digest(f) == expected
 
     cache_file = cache_dir / "file-digests.json"
@@ -102,12 +106,13 @@ def test_file_digest_is_sha256_of_the_bytes_and_uses_the_cache(tmp_path, monkeyp
     (marker,) = cache
     assert marker.startswith(f"{f.resolve()}|")
 
-    # The cache is what answers while path, size and mtime are unchanged: plant a value and get it back.
+    # The cache is what answers while the file is unchanged: plant a value and get it back.
     cache_file.write_text(json.dumps({marker: "planted"}))
     assert file_digest(f) == "planted"
 
     # Modifying the file (new size and mtime) makes it hash the bytes again.
     f.write_bytes(b"other weights")
+    time.sleep(0.05)
     new = file_digest(f)
     assert new == hashlib.sha256(b"other weights").hexdigest() != expected
     cache = json.loads(cache_file.read_text())
@@ -130,6 +135,46 @@ def test_file_digest_survives_an_unwritable_cache(tmp_path, monkeypatch):
     f = tmp_path / "x.bin"
     f.write_bytes(b"abc")
     assert file_digest(f) == hashlib.sha256(b"abc").hexdigest()
+
+
+@pytest.mark.parametrize("how", ["rewrite in place", "rename over"])
+def test_file_digest_sees_a_replacement_with_the_same_size_and_mtime(tmp_path, monkeypatch, how):
+    """A checkpoint replaced by another of the same size and mtime (cp -p, archives) must hash anew, whether it
+    was rewritten in place (same inode, new ctime) or renamed over (new inode), even right after hashing."""
+    monkeypatch.setenv("DDPMSEG_CACHE_DIR", str(tmp_path / "cache"))
+    f = tmp_path / "checkpoint.pt"
+    old, new = b"A" * 4096, b"B" * 4096
+    f.write_bytes(old)
+    before = f.stat()
+    assert file_digest(f) == hashlib.sha256(old).hexdigest()
+    if how == "rewrite in place":
+        with open(f, "r+b") as handle:
+            handle.write(new)
+    else:
+        other = tmp_path / "incoming.pt"
+        other.write_bytes(new)
+        os.utime(other, ns=(before.st_atime_ns, before.st_mtime_ns))
+        os.replace(other, f)
+    os.utime(f, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = f.stat()
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    assert file_digest(f) == hashlib.sha256(new).hexdigest()
+
+
+def test_file_digest_caches_only_files_older_than_the_racy_window(tmp_path, monkeypatch):
+    """A file changed just before hashing may be changed again within the timestamp granularity with every stat
+    field equal: such a digest is not cached; an older file's is."""
+    cache_dir = tmp_path / "cache"
+    monkeypatch.setenv("DDPMSEG_CACHE_DIR", str(cache_dir))
+    f = tmp_path / "fresh.pt"
+    f.write_bytes(b"fresh")
+    file_digest(f)
+    assert not (cache_dir / "file-digests.json").exists()
+    monkeypatch.setattr(keys, "RACY_WINDOW_NS", 0)
+    time.sleep(0.05)
+    file_digest(f)
+    assert list(json.loads((cache_dir / "file-digests.json").read_text()).values()) == [
+        hashlib.sha256(b"fresh").hexdigest()]
 
 
 # -- stage keys ------------------------------------------------------------------------------------------------------
