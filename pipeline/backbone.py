@@ -12,9 +12,6 @@ batch) or ``(B, 3, H, W)``; block activations are ``(B, C, h, w)`` float32 on th
 from __future__ import annotations
 
 import numbers
-import pickle
-import re
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -23,6 +20,8 @@ from guided_diffusion.gaussian_diffusion import GaussianDiffusion
 from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
 from guided_diffusion.unet import ResBlock, UNetModel, Upsample
 from torch import nn
+
+from pipeline.torchfile import TorchFileError, load_tensors
 
 __all__ = [
     "OFFICIAL_MODEL_FLAGS",
@@ -164,20 +163,10 @@ def num_output_blocks(model: UNetModel) -> int:
     return len(model.output_blocks)
 
 
-def _unpickler_reason(err: Exception) -> str:
-    """The short reason in torch's weights-only refusal, e.g. 'Unsupported global: GLOBAL x.Y ...'."""
-    text = str(err)
-    marker = "WeightsUnpickler error:"
-    if marker in text:
-        text = text.split(marker, 1)[1].strip().split("\n\n", 1)[0].split(" Please use", 1)[0]
-    text = re.sub(r"\x1b\[[0-9;]*m", "", text)
-    return " ".join(text.split())[:300] or type(err).__name__
-
-
 def load_checkpoint(model: nn.Module, path: str | Path) -> None:
     """Load a guided-diffusion checkpoint (a plain state dict of tensors) into ``model`` in place.
 
-    ``torch.load(path, map_location="cpu", weights_only=True)``; values are cast to the dtype of the
+    ``pipeline.torchfile.load_tensors`` (``torch.load(..., weights_only=True)``); values are cast to the dtype of the
     model's own tensors (so a float32 checkpoint loads into a model converted to float16) and copied to
     its device. Raises BackboneError for a missing file, a file ``weights_only`` refuses or cannot read, a
     file that is not a flat mapping of tensors, and for keys or shapes that do not match the model
@@ -189,20 +178,9 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> None:
     if not path.is_file():
         raise BackboneError(f"checkpoint path is not a file: {path}")
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise BackboneError(
-            f"checkpoint {path} was refused by torch.load(weights_only=True): it holds pickled objects "
-            f"other than tensors and plain containers, so it is not a state dict like the official "
-            f"guided-diffusion checkpoints ({_unpickler_reason(err)})"
-        ) from None
-    except Exception as err:  # noqa: BLE001 - torch raises many types for unreadable files
-        raise BackboneError(
-            f"checkpoint {path} could not be read as a file written by torch.save: "
-            f"{type(err).__name__}: {err}"
-        ) from None
+        state = load_tensors(path, f"checkpoint {path}")
+    except TorchFileError as err:
+        raise BackboneError(str(err)) from None
 
     if not isinstance(state, Mapping):
         raise BackboneError(

@@ -21,10 +21,12 @@ import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
+
+from pipeline.torchfile import load_tensors
 
 if TYPE_CHECKING:
     from pipeline.config import ExperimentConfig
@@ -284,20 +286,24 @@ def save_member(path: str | os.PathLike, model: nn.Module, meta: dict) -> None:
         raise
 
 
-def load_member(path: str | os.PathLike) -> tuple[nn.Module, dict]:
-    """Load a member written by save_member (weights_only=True); returns (model in eval mode on CPU, meta)."""
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+def load_member(path: str | os.PathLike | IO[bytes], what: str | None = None) -> tuple[nn.Module, dict]:
+    """Load a member written by save_member or torch.save({"state_dict", "meta"}) (pipeline.torchfile: tensors
+    and plain types only); returns (model in eval mode on CPU, meta). `what` names it in errors (default: path).
+
+    Raises ValueError (TorchFileError for an unreadable or unsafe file) naming it."""
+    name = what or str(path)
+    payload = load_tensors(path, name)
     if not isinstance(payload, dict) or "state_dict" not in payload or "meta" not in payload:
-        raise ValueError(f"{path}: not a member file (expected a dict with keys 'state_dict' and 'meta')")
+        raise ValueError(f"{name}: not a member file (expected a dict with keys 'state_dict' and 'meta')")
     meta = payload["meta"]
     missing = [key for key in MEMBER_META_REQUIRED if key not in meta]
     if missing:
-        raise ValueError(f"{path}: meta lacks {missing}; required keys: {list(MEMBER_META_REQUIRED)}")
+        raise ValueError(f"{name}: meta lacks {missing}; required keys: {list(MEMBER_META_REQUIRED)}")
     model = build_classifier(int(meta["number_class"]), int(meta["dim"]), float(meta["dropout"]))
     try:
         model.load_state_dict(payload["state_dict"])
     except RuntimeError as error:
-        raise ValueError(f"{path}: state_dict does not fit the classifier rebuilt from meta "
+        raise ValueError(f"{name}: state_dict does not fit the classifier rebuilt from meta "
                          f"(number_class={meta['number_class']}, dim={meta['dim']}, dropout={meta['dropout']}): "
                          f"{error}") from error
     return model.eval(), meta

@@ -49,6 +49,7 @@ from pipeline.backbone import (
     resolve_device,
 )
 from pipeline.datasets import IMAGE_EXTENSIONS, load_image
+from pipeline.torchfile import TorchFileError, load_tensors
 
 __all__ = [
     "DEMO_MODEL_FLAGS",
@@ -244,10 +245,9 @@ def _load_resume(path: Path) -> dict:
     if not path.is_file():
         raise TrainingError(f"cannot resume: {path} not found (it is written beside the checkpoint at every save)")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - torch raises many types for unreadable files
-        raise TrainingError(f"cannot resume: {path} is not readable with torch.load(weights_only=True): "
-                            f"{type(err).__name__}: {err}") from None
+        state = load_tensors(path, f"resume file {path}")
+    except TorchFileError as err:
+        raise TrainingError(f"cannot resume: {err}") from None
     if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT:
         raise TrainingError(f"cannot resume: {path} is not a resume file of format {RESUME_FORMAT}")
     return state

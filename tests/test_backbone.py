@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import time
 from dataclasses import dataclass
@@ -258,7 +259,7 @@ def test_arbitrary_pickle_is_refused_clearly(tmp_path, tiny_backbone):
     model, _, _ = tiny_backbone
     path = tmp_path / "object.pt"
     torch.save(_Arbitrary(3), path)
-    with pytest.raises(BackboneError, match=r"refused by torch.load\(weights_only=True\)"):
+    with pytest.raises(BackboneError, match=r"refused for safety"):
         load_checkpoint(model, path)
     plain = tmp_path / "plain.pkl"
     plain.write_bytes(pickle.dumps(_Arbitrary(3)))
@@ -268,6 +269,31 @@ def test_arbitrary_pickle_is_refused_clearly(tmp_path, tiny_backbone):
     garbage.write_text("not a checkpoint")
     with pytest.raises(BackboneError, match="garbage.pt"):
         load_checkpoint(model, garbage)
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+@pytest.mark.parametrize("container", ["zip", "plain pickle"])
+def test_checkpoint_with_code_is_refused_naming_the_global_without_suggesting_to_disable_the_check(
+        tmp_path, tiny_backbone, container):
+    """torch's own refusal text suggests re-running with weights_only=False: ddpmseg says the file holds code or
+    objects refused for safety, names the global, and never suggests turning the check off."""
+    model, _, _ = tiny_backbone
+    path = tmp_path / "evil.pt"
+    payload = {"weight": torch.zeros(1), "hook": _RunsCode()}
+    if container == "zip":
+        torch.save(payload, path)
+    else:
+        path.write_bytes(pickle.dumps(payload))
+    with pytest.raises(BackboneError) as caught:
+        load_checkpoint(model, path)
+    message = str(caught.value)
+    assert str(path) in message and "refused for safety" in message and "code" in message
+    assert "system" in message  # the global: posix.system / os.system
+    assert "weights_only=False" not in message and "weights_only" not in message and "\n" not in message
 
 
 def test_missing_checkpoint_names_path(tmp_path, tiny_backbone):

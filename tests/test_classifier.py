@@ -209,3 +209,30 @@ def test_save_member_rejects_bad_meta(tmp_path):
     with pytest.raises(TypeError, match="ndarray"):
         save_member(tmp_path / "m.pt", model, {"number_class": 3, "dim": 6, "dropout": 0.0, "x": np.zeros(2)})
     assert not (tmp_path / "m.pt").exists()
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+@pytest.mark.parametrize("loader", ["member", "resume file"])
+def test_torch_files_with_code_are_refused_naming_the_global(tmp_path, loader):
+    """Every torch.load goes through pipeline.torchfile: a member or a diffusion resume file holding code is
+    refused for safety, naming the global, never suggesting weights_only=False."""
+    from pipeline import diffusion_training
+    from pipeline.classifier import load_member
+    from pipeline.torchfile import UnsafeTorchFileError
+
+    path = tmp_path / "evil.pt"
+    torch.save({"state_dict": {}, "meta": {}, "format": 1, "hook": _RunsCode()}, path)
+    with pytest.raises(ValueError) as caught:
+        if loader == "member":
+            load_member(path)
+        else:
+            diffusion_training._load_resume(path)
+    message = str(caught.value)
+    if loader == "member":
+        assert isinstance(caught.value, UnsafeTorchFileError)
+    assert str(path) in message and "refused for safety" in message and "builtins.print" in message
+    assert "weights_only" not in message and "pwned" not in message
