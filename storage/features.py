@@ -23,6 +23,7 @@ the next run; two writers of the same array write the same bytes (same inputs, s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import struct
@@ -44,7 +45,8 @@ from zarr.errors import ContainsGroupError
 
 from storage.zarr_internals import (ZARR_JSON, ArrayV3Metadata, Buffer, GroupMetadata, SupportsSetSync,
                                     default_buffer_prototype, zarr_sync)
-from storage.location import StoreAccessError, StoreLocation, is_transient, with_retries
+from storage.location import (CorruptObjectError, StoreAccessError, StoreLocation, corrupt_object_message,
+                              is_transient, with_retries)
 
 FEATURE_DTYPE = np.float16
 # An array's one chunk is the file `c.0.0.0.0` beside its zarr.json, not `c/0/0/0/0` (four directories per array).
@@ -189,7 +191,8 @@ class FeatureStore:
             def open_root() -> zarr.Group:
                 store = self.location.zarr_store(read_only=self.read_only)
                 mode = "r" if self.read_only else "a"
-                root = zarr.open_group(store=store, mode=mode, zarr_format=3)
+                with self._documents(""):
+                    root = zarr.open_group(store=store, mode=mode, zarr_format=3)
                 if not self.read_only and "ddpmseg" not in root.attrs:
                     root.attrs["ddpmseg"] = {"layout": 1}
                 return root
@@ -197,12 +200,40 @@ class FeatureStore:
             self._root = with_retries(open_root, f"open the store {self.location.url}")
         return self._root
 
+    # -- metadata documents -----------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _documents(self, prefix: str):
+        """Turn a zarr.json below `prefix` that does not parse (zarr raises a bare JSONDecodeError) into a
+        CorruptObjectError naming the file and `ddpmseg store verify --repair`."""
+        try:
+            yield
+        except ValueError as err:  # JSONDecodeError, UnicodeDecodeError: raised by json.loads in zarr
+            if not isinstance(err, (json.JSONDecodeError, UnicodeDecodeError)):
+                raise
+            raise CorruptObjectError(corrupt_object_message(self.location.url, self._corrupt_document(prefix),
+                                                            "not valid JSON (truncated or corrupted)")) from None
+
+    def _corrupt_document(self, prefix: str) -> str:
+        """The key of the first zarr.json at or below `prefix` that does not parse (the error path only)."""
+        loc = self.location
+        candidates = [f"{prefix}/{ZARR_JSON}".lstrip("/")] + [
+            k for k in loc.find(prefix) if k.rsplit("/", 1)[-1] == ZARR_JSON]
+        for key in dict.fromkeys(candidates):
+            try:
+                json.loads(loc.read_bytes(key))
+            except FileNotFoundError:
+                continue
+            except ValueError:
+                return key
+        return f"{prefix}/{ZARR_JSON}".lstrip("/")
+
     # -- generic write-once arrays ----------------------------------------------------------------------------
     def _group(self, path: str) -> zarr.Group:
-        try:
-            return self.root.require_group(path)
-        except ContainsGroupError:  # created concurrently by another writer
-            return self.root[path]
+        with self._documents(path):
+            try:
+                return self.root.require_group(path)
+            except ContainsGroupError:  # created concurrently by another writer
+                return self.root[path]
 
     def _write_array(self, path: str, data: np.ndarray, dims: tuple[str, ...], attrs: dict[str, Any]) -> None:
         """Write one array and commit it (see _write_arrays)."""
@@ -241,7 +272,8 @@ class FeatureStore:
 
     def _committed_array(self, path: str) -> zarr.Array | None:
         try:
-            arr = self.root[path]
+            with self._documents(path):
+                arr = self.root[path]
         except (KeyError, FileNotFoundError):
             return None
         except Exception as err:  # noqa: BLE001
@@ -304,21 +336,25 @@ class FeatureStore:
         if unit.path in self._units_made:
             return
         group = self._group(unit.path)
-        if "provenance" not in group.attrs:
+        if "provenance" not in group.attrs:  # a group rewritten empty by `store verify --repair` gets it back
             group.attrs.update({"provenance": provenance, "t": unit.t})
         self._units_made.add(unit.path)
         self._groups_made.add(unit.path)
 
     def committed_blocks(self, unit: UnitSpec, image_id: str) -> set[int]:
+        path = f"{unit.path}/{image_id}"
         try:
-            group = self.root[f"{unit.path}/{image_id}"]
+            with self._documents(path):
+                group = self.root[path]
+                return {int(name[1:]) for name, arr in group.arrays() if arr.attrs.get("committed")}
         except (KeyError, FileNotFoundError):
             return set()
+        except StoreAccessError:
+            raise
         except Exception as err:  # noqa: BLE001
             if is_transient(err):
                 raise StoreAccessError(f"cannot read {self.location.path(unit.path)}: {err}") from err
             raise
-        return {int(name[1:]) for name, arr in group.arrays() if arr.attrs.get("committed")}
 
     def write_features(self, unit: UnitSpec, image_id: str, maps: dict[int, np.ndarray]) -> int:
         """Write one image's block maps {block: (C, h, w)} (numpy or torch, any float dtype; see to_float16) as
@@ -368,9 +404,9 @@ class FeatureStore:
     # -- listing and checking ------------------------------------------------------------------------------------
     def iter_units(self) -> Iterator[tuple[str, zarr.Group]]:
         """(path, group) of every extraction unit in the store."""
-        if "features" not in self.root:
-            return
-        for bname, bgroup in self.root["features"].groups():
-            for vname, vgroup in bgroup.groups():
-                for uname, ugroup in vgroup.groups():
-                    yield f"features/{bname}/{vname}/{uname}", ugroup
+        with self._documents("features"):
+            if "features" not in self.root:
+                return
+            units = [(f"features/{bname}/{vname}/{uname}", ugroup) for bname, bgroup in self.root["features"].groups()
+                     for vname, vgroup in bgroup.groups() for uname, ugroup in vgroup.groups()]
+        yield from units

@@ -22,6 +22,17 @@ class StoreAccessError(RuntimeError):
     """A store URL that cannot be opened, or an object that cannot be read or written."""
 
 
+class CorruptObjectError(StoreAccessError):
+    """A stored object that does not parse (a truncated zarr.json, stage record or metrics) or whose checksum
+    does not match (a member, a record); the message names the file and the command that removes it."""
+
+
+def corrupt_object_message(url: str, key: str, what: str) -> str:
+    """`<url>/<key>: <what>; run `ddpmseg store verify <url> --repair`: ...` (one line)."""
+    return (f"{url}/{key}: {what}; run `ddpmseg store verify {url} --repair` to remove it (the next run "
+            f"recomputes exactly what it held)")
+
+
 #: attempts of one object/array write before a dropped connection becomes an error (each attempt itself
 #: retried by botocore); nothing is committed by a failed write (commit markers come last).
 WRITE_ATTEMPTS = int(os.environ.get("DDPMSEG_WRITE_ATTEMPTS", "3"))
@@ -166,6 +177,16 @@ class StoreLocation:
         except FileNotFoundError:
             return []
         return sorted(Path(e).name for e in entries)
+
+    def find(self, prefix: str = "") -> list[str]:
+        """Keys (relative to the root) of every object below `prefix`, sorted."""
+        base = self.path(prefix)
+        try:
+            found = self.fs.find(base, withdirs=False)
+        except FileNotFoundError:
+            return []
+        root = self.url.removeprefix("s3://").rstrip("/") + "/"
+        return sorted(str(f).removeprefix("s3://").removeprefix(root) for f in found)
 
     def delete(self, prefix: str) -> None:
         if self.exists(prefix):

@@ -1,15 +1,14 @@
 """Store tools: list units, verify every chunk and marker (optionally repair), delete what nothing references."""
 from __future__ import annotations
 
-import io
+import re
 from dataclasses import dataclass, field
-from typing import Iterator
 
-import torch
 import zarr
 
 from storage import artifacts
 from storage.features import CorruptChunkError, FeatureStore
+from storage.location import CorruptObjectError
 
 
 @dataclass
@@ -53,51 +52,105 @@ def list_units(store: FeatureStore) -> list[UnitInfo]:
     return out
 
 
-def _arrays(group: zarr.Group, prefix: str) -> Iterator[tuple[str, zarr.Array]]:
-    for name, member in group.members():
-        path = f"{prefix}/{name}"
-        if isinstance(member, zarr.Array):
-            yield path, member
-        else:
-            yield from _arrays(member, path)
+def _node_kind(path: str) -> str:
+    """What the node at `path` is in the documented layout (storage.features, storage.artifacts): "array",
+    "member", "record", "metrics" or "group"."""
+    parts = path.split("/") if path else []
+    top = parts[0] if parts else ""
+    if (top == "views" and len(parts) == 4) or (top == "features" and len(parts) == 6) or (
+            top == "evaluations" and len(parts) == 3 and parts[2] == "masks"):
+        return "array"
+    if top == "models" and len(parts) == 3:
+        return "member"
+    if top == "stages" and len(parts) == 3:
+        return "record"
+    if top == "evaluations" and len(parts) == 3 and parts[2] == "metrics":
+        return "metrics"
+    return "group"
+
+
+def _where(path: str) -> tuple[str | None, str | None]:
+    """(unit, image) of a path under features/ or views/ (for the report), else (None, None)."""
+    parts = path.split("/")
+    if parts[0] == "features" and len(parts) >= 5:
+        return "/".join(parts[:4]), parts[4]
+    if parts[0] == "views" and len(parts) >= 3:
+        return None, parts[2]
+    return None, None
+
+
+def _check_node(store: FeatureStore, zstore, path: str, document: dict) -> Problem | None:
+    """The problem of one parsed node, or None."""
+    loc = store.location
+    kind = _node_kind(path)
+    unit, image = _where(path)
+    try:
+        if kind == "member":
+            members_key, name = path.split("/")[1:]
+            if re.fullmatch(r"member_\d+", name):
+                artifacts.read_member(loc, members_key, int(name[len("member_"):]))
+        elif kind == "record":
+            stage, key_value = path.split("/")[1:]
+            artifacts.read_record(loc, stage, key_value)
+        elif kind == "metrics":
+            artifacts.read_metrics(loc, path.split("/")[1])
+        elif kind == "array":
+            if not (document.get("attributes") or {}).get("committed") and not path.startswith("evaluations/"):
+                return Problem("incomplete", path, unit, image, "written but never committed")
+            try:
+                arr = zarr.open_array(zstore, path=path, mode="r", zarr_format=3)
+            except (ValueError, TypeError, KeyError) as err:  # parsed JSON that is no array metadata
+                return Problem("corrupt", path, unit, image, f"zarr.json is not array metadata ({err})"[:200])
+            store._read(arr, path)
+    except CorruptObjectError as err:
+        return Problem("corrupt", path, unit, image, str(err).split(": ", 1)[-1].split("; run")[0])
+    except CorruptChunkError as err:
+        return Problem("corrupt", path, unit, image, str(err).split(": ", 1)[-1].split("; run")[0])
+    return None
 
 
 def verify(store: FeatureStore, repair: bool = False) -> list[Problem]:
-    """Read every chunk of every array (checksums, missing chunks) and check every commit marker.
+    """Check every node of the store: every zarr.json parses, every chunk of every array reads (crc32c, missing
+    chunks), every commit marker is set, every member, record and metrics matches its checksum; stores of the
+    earlier layout: every member .pt's zip CRCs, every record / metrics file parses.
 
-    With repair=True each corrupted or incomplete array / member / evaluation is deleted, so the next run
-    recomputes exactly those and nothing else.
+    Walks the objects themselves (not zarr's listing), so a truncated zarr.json is reported, never raised. With
+    repair=True each problem is removed (a corrupt group document is rewritten empty: its attributes are
+    re-added by the next run), so the next run recomputes exactly those and nothing else.
     """
-    problems: list[Problem] = []
-    root = store.root
-    for top in ("views", "features", "evaluations"):
-        if top not in root:
-            continue
-        for path, arr in _arrays(root[top], top):
-            parts = path.split("/")
-            unit = "/".join(parts[:4]) if top == "features" else None
-            image = parts[4] if top == "features" else (parts[2] if top == "views" else None)
-            if not arr.attrs.get("committed") and top != "evaluations":
-                problems.append(Problem("incomplete", path, unit, image, "written but never committed"))
-                continue
-            try:
-                store._read(arr, path)
-            except CorruptChunkError as err:
-                detail = str(err).split(": ", 1)[-1].split("; run")[0]
-                problems.append(Problem("corrupt", path, unit, image, detail))
     loc = store.location
-    for key in loc.list("models"):
-        for name in loc.list(f"models/{key}"):
-            if not name.endswith(".pt"):
-                continue
-            index = int(name[len("member_"):-3])
-            if not artifacts.member_committed(loc, key, index):
-                problems.append(Problem("incomplete", f"models/{key}/{name}", detail="member without commit marker"))
-                continue
+    keys = loc.find("")
+    present = set(keys)
+    problems: list[Problem] = []
+    zstore = loc.zarr_store(read_only=True)
+    for key in keys:
+        path = key[:-len(artifacts.ZARR_JSON)].rstrip("/")
+        if key.rsplit("/", 1)[-1] == artifacts.ZARR_JSON:
             try:
-                torch.load(io.BytesIO(loc.read_bytes(f"models/{key}/{name}")), map_location="cpu", weights_only=True)
-            except Exception as err:  # noqa: BLE001 - any unreadable member is corrupt
-                problems.append(Problem("corrupt", f"models/{key}/{name}", detail=f"cannot load: {err}"[:200]))
+                document = artifacts.read_document(loc, key)
+            except CorruptObjectError:
+                unit, image = _where(path)
+                problems.append(Problem("corrupt", path or ".", unit, image,
+                                        "zarr.json is not valid JSON (truncated or corrupted)"))
+                continue
+            problem = _check_node(store, zstore, path, document or {})
+            if problem:
+                problems.append(problem)
+        elif key.startswith("models/") and key.endswith(".pt"):  # the earlier layout's members
+            if key[:-3] + ".json" not in present:
+                problems.append(Problem("incomplete", key, detail="member without commit marker"))
+                continue
+            reason = artifacts.legacy_member_problem(loc.read_bytes(key))
+            if reason:
+                problems.append(Problem("corrupt", key, detail=reason))
+        elif key.startswith("models/") and key.endswith(f"/{artifacts.MEMBER_CHUNK}"):
+            if key[:-len(artifacts.MEMBER_CHUNK)] + artifacts.ZARR_JSON not in present:
+                problems.append(Problem("incomplete", key.rsplit("/", 1)[0], detail="member without commit marker"))
+        elif key.endswith(".json") and (key.startswith("stages/") or key.endswith("/metrics.json")):
+            try:  # the earlier layout's records and metrics
+                artifacts.read_document(loc, key)
+            except CorruptObjectError:
+                problems.append(Problem("corrupt", key, detail="not valid JSON (truncated or corrupted)"))
     if repair:
         for p in problems:
             _repair(store, p)
@@ -106,20 +159,20 @@ def verify(store: FeatureStore, repair: bool = False) -> list[Problem]:
 
 def _repair(store: FeatureStore, problem: Problem) -> None:
     loc = store.location
-    if problem.path.startswith("models/"):
-        key = problem.path.split("/")[1]
-        base = problem.path[:-3]
-        loc.delete(base + ".pt")
-        loc.delete(base + ".json")
-        for record in artifacts.list_records(loc, "train"):  # records of train keys using this member set
-            if record["result"].get("members_key") == key:
-                loc.delete(artifacts.record_path("train", record["key"]))
-    elif problem.path.startswith("evaluations/"):
-        key = problem.path.split("/")[1]
-        loc.delete(f"evaluations/{key}")
-        loc.delete(artifacts.record_path("evaluate", key))
+    path = "" if problem.path == "." else problem.path
+    parts = path.split("/")
+    kind = _node_kind(path[:-3] if path.endswith(".pt") else path)
+    if parts[0] == "models" and len(parts) == 3:
+        name = parts[2].removesuffix(".pt")
+        artifacts.delete_member_set(loc, parts[1], int(name[len("member_"):]))
+    elif parts[0] == "evaluations" and len(parts) >= 2 and kind != "group":
+        artifacts.delete_evaluation(loc, parts[1])
+    elif parts[0] == "stages" and len(parts) == 3:
+        artifacts.delete_record(loc, parts[1], parts[2].removesuffix(".json"))
+    elif kind == "group":  # a group's own document: rewritten empty, its children kept
+        loc.write_bytes(f"{path}/{artifacts.ZARR_JSON}" if path else artifacts.ZARR_JSON, artifacts.group_document())
     else:
-        loc.delete(problem.path)
+        loc.delete(path)
     store._root = None  # metadata changed under the cached hierarchy
 
 
@@ -134,6 +187,12 @@ class References:
     evaluate_keys: set[str] = field(default_factory=set)
 
 
+def _children(loc, prefix: str) -> list[str]:
+    """Names below `prefix` that are nodes or artifacts: not the group's own zarr.json, not a writer's
+    temporary file."""
+    return [n for n in loc.list(prefix) if n != artifacts.ZARR_JSON and not n.startswith(".")]
+
+
 def collect_garbage(store: FeatureStore, refs: References, dry_run: bool = False) -> list[tuple[str, int]]:
     """Delete (or, with dry_run, only list) everything no reference keeps; returns [(path, bytes)]."""
     doomed: list[str] = []
@@ -144,13 +203,14 @@ def collect_garbage(store: FeatureStore, refs: References, dry_run: bool = False
             doomed.append(path)
         else:
             doomed += [f"{path}/{name}" for name, _ in group.groups() if name not in keep]
-    for view in (v for v in loc.list("views") if v != "zarr.json"):
-        doomed += [f"views/{view}/{i}" for i in loc.list(f"views/{view}") if i not in refs.view_images
-                   and i != "zarr.json"]
-    doomed += [f"models/{k}" for k in loc.list("models") if k not in refs.member_keys]
-    doomed += [f"evaluations/{k}" for k in loc.list("evaluations") if k not in refs.evaluate_keys]
+    for view in _children(loc, "views"):
+        doomed += [f"views/{view}/{i}" for i in _children(loc, f"views/{view}") if i not in refs.view_images]
+    # a group's own zarr.json is never garbage: the group stays (issue: gc deleted evaluations/zarr.json)
+    doomed += [f"models/{k}" for k in _children(loc, "models") if k not in refs.member_keys]
+    doomed += [f"evaluations/{k}" for k in _children(loc, "evaluations") if k not in refs.evaluate_keys]
     for stage, keep in (("train", refs.train_keys), ("evaluate", refs.evaluate_keys)):
-        doomed += [f"stages/{stage}/{n}" for n in loc.list(f"stages/{stage}") if n[:-5] not in keep]
+        doomed += [f"stages/{stage}/{n}" for n in _children(loc, f"stages/{stage}")
+                   if n.removesuffix(".json") not in keep]
     sizes = [(d, _du(store, d)) for d in sorted(doomed)]  # sorted: listing order is the filesystem's
     if not dry_run:
         for d, _ in sizes:
