@@ -2,7 +2,6 @@
 metrics in the store under the evaluate key."""
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from typing import Any
 
@@ -47,5 +46,5 @@ def evaluate(cfg: ExperimentConfig, store: FeatureStore, refs: list[ImageRef], t
         "scores": scores.to_dict(), "images": [asdict(r) for r in refs], "uncertainties": uncertainties,
         "class_names": d.class_names, "masks_store_path": mask_path, "views": [v for v, _ in views],
     }
-    loc.write_bytes(f"evaluations/{key.value}/metrics.json", json.dumps(result, indent=1).encode())
+    artifacts.write_metrics(loc, key.value, result)
     return result

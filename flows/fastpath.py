@@ -150,7 +150,9 @@ def _fresh_summary(cfg: ExperimentConfig, store_url: str | None, stages_to_run: 
         summary["evaluate_key"] = eval_key.value
         if artifacts.read_record(loc, "evaluate", eval_key.value) is None:
             raise _Work("not evaluated")
-        result = json.loads(loc.read_bytes(f"evaluations/{eval_key.value}/metrics.json"))
+        result = artifacts.read_metrics(loc, eval_key.value)
+        if result is None:
+            raise _Work("the evaluation's metrics are missing from the store")
         if not loc.exists(f"{result['masks_store_path']}/zarr.json"):
             raise _Work("the evaluation's masks are missing from the store")
         summary["stages"]["evaluate"] = "cached"

@@ -8,8 +8,20 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import ExperimentConfig, config_to_dict
-from storage.features import FeatureStore
+from storage import artifacts
+from storage.features import FeatureStore, StoreError
+from storage.location import StoreLocation
 from flows.stage_keys import BASE_VIEW, ImageRef
+
+def evaluation_metrics(loc: StoreLocation, eval_key: str) -> dict[str, Any]:
+    """The committed evaluation's metrics; StoreError when its record exists but the metrics are gone."""
+    result = artifacts.read_metrics(loc, eval_key)
+    if result is None:
+        raise StoreError(f"{loc.path(artifacts.metrics_path(eval_key))}: the evaluation is recorded but its metrics "
+                         f"are missing; run `ddpmseg store verify {loc.url} --repair` to remove the evaluation (the "
+                         f"next run recomputes it)")
+    return result
+
 
 def save_palette_png(mask: np.ndarray, palette: list[tuple[int, int, int]] | None, path: Path) -> None:
     from PIL import Image
@@ -29,7 +41,7 @@ def write_outputs(cfg: ExperimentConfig, store: FeatureStore, result: dict[str, 
     out = Path(cfg.output_dir)
     mask_dir = out / "masks"
     mask_dir.mkdir(parents=True, exist_ok=True)
-    masks = store.root[result["masks_store_path"]][...]
+    masks = store.read_masks(result["masks_store_path"])
     for ref, mask in zip(result["images"], masks):
         np.save(mask_dir / f"{ref['stem']}.npy", mask)
         if cfg.evaluation.save_png:

@@ -10,7 +10,6 @@ when the store has it but Prefect does not, the task runs and finds nothing to d
 """
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from typing import Any
 
@@ -167,7 +166,7 @@ def run_segment(cfg: ExperimentConfig, store_url: str | None = None, stages_to_r
         info, cached = _call(evaluate_task, missing, summary, config=config, store_url=loc.url, refs=test_refs,
                              train=_key_dict(train_key), key=_key_dict(eval_key), progress=progress)
         summary["stages"]["evaluate"] = "ran" if info["ran"] and not cached else "cached"
-        result = json.loads(loc.read_bytes(f"evaluations/{eval_key.value}/metrics.json"))
+        result = outputs.evaluation_metrics(loc, eval_key.value)
         summary.update({k: result[k] for k in ("miou", "miou_standard", "pixel_accuracy", "uncertainty")})
         summary.update(outputs.write_outputs(cfg, store, result, summary))
 

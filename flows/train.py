@@ -2,6 +2,7 @@
 a few images at a time; a member is written (one file, commit-last) under the members key of its train key."""
 from __future__ import annotations
 
+import io
 import itertools
 from typing import Any, Callable
 
@@ -12,7 +13,7 @@ from pipeline import features, memory, pixels
 from pipeline.config import ExperimentConfig
 from pipeline.threads import torch_threads
 from storage import artifacts
-from storage.features import FeatureStore
+from storage.features import FeatureStore, StoreError
 from storage.keys import Key, digest
 from storage.location import StoreLocation
 from flows.stage_keys import BASE_VIEW, ImageRef, members_key, unit_for
@@ -126,8 +127,11 @@ def train_member(cfg: ExperimentConfig, store: FeatureStore, refs: list[ImageRef
 def load_members(loc: StoreLocation, key: Key, model_num: int) -> list[torch.nn.Module]:
     members = []
     for i in range(model_num):
-        state, meta = artifacts.read_member(loc, members_key(key), i)
-        model = clf.build_classifier(meta["number_class"], meta["dim"], meta.get("dropout", 0.0))
-        model.load_state_dict(state)
-        members.append(model.eval())
+        payload, _ = artifacts.read_member(loc, members_key(key), i)  # bytes checked against their checksum
+        what = f"member {loc.path(artifacts.member_key(members_key(key), i))}"
+        try:
+            model, _ = clf.load_member(io.BytesIO(payload), what=what)
+        except ValueError as err:  # refused (code or objects) or not a member: the store holds something else
+            raise StoreError(f"{err}; run `ddpmseg store verify {loc.url} --repair` to remove it") from None
+        members.append(model)
     return members

@@ -323,6 +323,16 @@ class FeatureStore:
         return self._read(self._require(f"views/{view}/{image_id}/label-{label_hash}"),
                           f"view {view} image {image_id} label {label_hash}")
 
+    def read_masks(self, path: str) -> np.ndarray:
+        """An evaluation's (N, H, W) uint8 masks (storage.artifacts.write_masks), every chunk checked."""
+        with self._documents(path):
+            try:
+                arr = self.root[path]
+            except KeyError:
+                raise StoreError(f"{self.location.path(path)}: masks not in the store; run `ddpmseg store verify "
+                                 f"{self.location.url} --repair` to remove their evaluation") from None
+        return self._read(arr, f"masks {path}")
+
     def _require(self, path: str) -> zarr.Array:
         arr = self._committed_array(path)
         if arr is None:

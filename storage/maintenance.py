@@ -79,6 +79,12 @@ def _where(path: str) -> tuple[str | None, str | None]:
     return None, None
 
 
+def _has_metrics(loc, eval_key: str) -> bool:
+    """Whether the evaluation has metrics, in either layout (a corrupt one is its own problem)."""
+    return (loc.exists(f"{artifacts.metrics_path(eval_key)}/{artifacts.ZARR_JSON}")
+            or loc.exists(f"evaluations/{eval_key}/metrics.json"))
+
+
 def _check_node(store: FeatureStore, zstore, path: str, document: dict) -> Problem | None:
     """The problem of one parsed node, or None."""
     loc = store.location
@@ -92,6 +98,8 @@ def _check_node(store: FeatureStore, zstore, path: str, document: dict) -> Probl
         elif kind == "record":
             stage, key_value = path.split("/")[1:]
             artifacts.read_record(loc, stage, key_value)
+            if stage == "evaluate" and not _has_metrics(loc, key_value):
+                return Problem("incomplete", f"evaluations/{key_value}", detail="evaluation recorded without metrics")
         elif kind == "metrics":
             artifacts.read_metrics(loc, path.split("/")[1])
         elif kind == "array":
@@ -115,8 +123,8 @@ def verify(store: FeatureStore, repair: bool = False) -> list[Problem]:
     earlier layout: every member .pt's zip CRCs, every record / metrics file parses.
 
     Walks the objects themselves (not zarr's listing), so a truncated zarr.json is reported, never raised. With
-    repair=True each problem is removed (a corrupt group document is rewritten empty: its attributes are
-    re-added by the next run), so the next run recomputes exactly those and nothing else.
+    repair=True each problem is removed (a corrupt group document is rewritten empty, its children kept: a
+    unit's provenance is written again by the next extraction into it), so the next run recomputes exactly those and nothing else.
     """
     loc = store.location
     keys = loc.find("")
@@ -131,7 +139,7 @@ def verify(store: FeatureStore, repair: bool = False) -> list[Problem]:
             except CorruptObjectError:
                 unit, image = _where(path)
                 problems.append(Problem("corrupt", path or ".", unit, image,
-                                        "zarr.json is not valid JSON (truncated or corrupted)"))
+                                        f"{key} is not valid JSON (truncated or corrupted)"))
                 continue
             problem = _check_node(store, zstore, path, document or {})
             if problem:

@@ -12,6 +12,7 @@ import zarr
 
 from storage import artifacts
 from storage.features import FEATURE_DTYPE, CorruptChunkError, FeatureStore, StoreError, UnitSpec
+from pipeline.torchfile import load_tensors
 from storage.keys import Key
 from storage.location import StoreAccessError, StoreLocation
 
@@ -307,7 +308,9 @@ def test_records_round_trip_and_list(tmp_path):
     assert rec["stage"] == "train" and rec["key"] == key_a.value and rec["result"] == {"members": 2}
     assert rec["inputs"] == {"images": ["a", "b"], "seed": 0, "blocks": [5, 8]}
     assert rec["created"].endswith("Z")
-    assert (tmp_path / "store" / "stages" / "train" / f"{key_a.value}.json").is_file()
+    # a zarr group whose attributes hold the record and its checksum
+    node = json.loads((tmp_path / "store" / "stages" / "train" / key_a.value / "zarr.json").read_text())
+    assert node["node_type"] == "group" and node["attributes"]["record"] == rec and node["attributes"]["sha256"]
     listed = artifacts.list_records(loc, "train")
     assert sorted(r["key"] for r in listed) == sorted([key_a.value, key_b.value])
     assert artifacts.list_records(loc, "evaluate") == []
@@ -325,22 +328,22 @@ def test_members_round_trip_and_load_with_weights_only(tmp_path):
 
     artifacts.write_member(loc, "trainkey", 1, state, meta)
     assert artifacts.member_committed(loc, "trainkey", 1)
-    got_state, got_meta = artifacts.read_member(loc, "trainkey", 1)
+    payload, got_meta = artifacts.read_member(loc, "trainkey", 1)
     assert got_meta == meta
+    got_state = load_tensors(payload, "member")["state_dict"]
     assert list(got_state) == list(state)
     for name, tensor in state.items():
         assert torch.equal(got_state[name], tensor)
 
-    pt = tmp_path / "store" / "models" / "trainkey" / "member_01.pt"
-    payload = torch.load(pt, map_location="cpu", weights_only=True)
-    assert set(payload) == {"state_dict", "meta"} and torch.equal(payload["state_dict"]["0.weight"], state["0.weight"])
-    assert json.loads((pt.parent / "member_01.json").read_text()) == meta
+    # plain zarr reads the member as a (n,) uint8 array holding the torch.save bytes
+    arr = zarr.open_group(str(tmp_path / "store"), mode="r")["models/trainkey/member_01"]
+    assert arr.dtype == np.uint8 and arr[...].tobytes() == payload and arr.attrs["meta"] == meta
 
 
 def test_member_without_commit_marker_is_not_read(tmp_path):
     loc = StoreLocation.parse(tmp_path / "store")
     artifacts.write_member(loc, "k", 0, {"w": torch.ones(2)}, {"index": 0})
-    (tmp_path / "store" / "models" / "k" / "member_00.json").unlink()  # killed between .pt and marker
+    (tmp_path / "store" / "models" / "k" / "member_00" / "zarr.json").unlink()  # killed between bytes and marker
     assert not artifacts.member_committed(loc, "k", 0)
     with pytest.raises(FileNotFoundError, match="member_00"):
         artifacts.read_member(loc, "k", 0)
