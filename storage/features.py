@@ -7,9 +7,10 @@ Layout (a plain zarr v3 hierarchy; open any array with `zarr.open_group(root)[pa
       views/<view>/<image_id>/label-<hash> (H, W) uint8     its label (after the view's transform)
       features/<backbone>/<view>/t<TTTT>-<spec>/<image_id>/b<BB>
                                          (1, C, h, w) float16  dims (image, channel, y, x)
-      models/<train key>/member_<MM>.pt + .json               (storage.artifacts)
+      models/<members key>/member_<MM>   (n,) uint8            a classifier member's bytes (storage.artifacts)
       evaluations/<evaluate key>/masks   (N, H, W) uint8       (storage.artifacts)
-      stages/<stage>/<key>.json                                 committed stage records with their inputs
+      evaluations/<evaluate key>/metrics                       group: the metrics in its attributes
+      stages/<stage>/<key>                                     group: a committed stage record with its inputs
 
 `<image_id>` is a content hash of the image (storage.keys), so rows are addressed by content: adding an image
 adds a row, nothing else moves. Every array is one chunk (the file `c.0.0...` beside its zarr.json), compressed
