@@ -237,7 +237,7 @@ def legacy_member_problem(payload: bytes) -> str | None:
     return f"record {bad} does not match its CRC-32 (corrupted after it was written)" if bad else None
 
 
-def delete_member_set(loc: StoreLocation, members_key: str, index: int) -> None:
+def delete_member(loc: StoreLocation, members_key: str, index: int) -> None:
     """Remove one member (either layout) and the train records that use its member set (they would claim it)."""
     base = member_key(members_key, index)
     for key in (base, base + ".pt", base + ".json"):

@@ -172,7 +172,7 @@ def _repair(store: FeatureStore, problem: Problem) -> None:
     kind = _node_kind(path[:-3] if path.endswith(".pt") else path)
     if parts[0] == "models" and len(parts) == 3:
         name = parts[2].removesuffix(".pt")
-        artifacts.delete_member_set(loc, parts[1], int(name[len("member_"):]))
+        artifacts.delete_member(loc, parts[1], int(name[len("member_"):]))
     elif parts[0] == "evaluations" and len(parts) >= 2 and kind != "group":
         artifacts.delete_evaluation(loc, parts[1])
     elif parts[0] == "stages" and len(parts) == 3:
