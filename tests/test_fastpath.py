@@ -141,9 +141,10 @@ def test_any_pending_work_falls_through_to_the_flow(tiny_experiment, prefect_ser
         (root / "masks" / "00000.png", "mask"),
         (root / "report" / "report.html", "report.html"),
         (root / "ddpmseg.lock.json", "lock"),
-        (members / "member_00.json", "members to train"),
-        (store / "stages" / "train" / f"{train_key}.json", "train record"),
-        (store / "stages" / "evaluate" / f"{eval_key}.json", "not evaluated"),
+        (members / "member_00" / "zarr.json", "members to train"),
+        (store / "stages" / "train" / train_key, "train record"),
+        (store / "stages" / "evaluate" / eval_key, "not evaluated"),
+        (store / "evaluations" / eval_key / "metrics", "metrics are missing"),
         (image / "b03", "forwards to run"),
         (store / "views" / "base" / image.name, "not in the store"),
     ]:

@@ -83,7 +83,7 @@ def test_full_run_into_s3_then_a_teammate_reuses_everything(s3, tmp_path, prefec
     assert first["store"] == url and first["unet_forwards"] > 0 and first["members_trained"] == 2
     keys = {o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=BUCKET, Prefix="shared/run1/")["Contents"]}
     assert any("/features/" in k and k.endswith("/c.0.0.0.0") for k in keys)
-    assert any(k.startswith("shared/run1/models/") and k.endswith(".pt") for k in keys)
+    assert any(k.startswith("shared/run1/models/") and k.endswith("/member_00/c.0") for k in keys)
 
     # teammate B: other directory, other config path, same content -> nothing recomputed
     bob_dir = tmp_path / "elsewhere" / "bob"
