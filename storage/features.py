@@ -187,6 +187,10 @@ class FeatureStore:
     def root(self) -> zarr.Group:
         if self._root is None:
             def open_root() -> zarr.Group:
+                if self.read_only and not self.location.holds_store():
+                    # reading never creates a store: one that does not exist reads as empty (commands that
+                    # need an existing store check location.require_store first)
+                    return zarr.open_group(store=MemoryStore(read_only=False), mode="w", zarr_format=3)
                 store = self.location.zarr_store(read_only=self.read_only)
                 mode = "r" if self.read_only else "a"
                 root = zarr.open_group(store=store, mode=mode, zarr_format=3)
@@ -194,7 +198,7 @@ class FeatureStore:
                     root.attrs["ddpmseg"] = {"layout": 1}
                 return root
 
-            self._root = with_retries(open_root, f"open the store {self.location.url}")
+            self._root = with_retries(open_root, f"open the store {self.location.url}", writing=not self.read_only)
         return self._root
 
     # -- generic write-once arrays ----------------------------------------------------------------------------

@@ -1,0 +1,131 @@
+"""Bad input and faults end in one line: `ddpmseg run` as a user runs it (a subprocess), stderr and exit code.
+
+Inputs that can be checked before Prefect starts (flows/preflight.py) fail there: no Prefect server is started.
+Errors raised inside the flow (a bad checkpoint, a read-only store missing a stage, an S3 outage) reach the
+terminal as one line too, and leave the store as it was (nothing half-written). The runs that need a flow share
+the session's Prefect server (PREFECT_API_URL), so each costs no server start-up.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import write_tiny_experiment
+
+ROOT = Path(__file__).resolve().parent.parent
+EXIT_USER_ERROR = 2
+PREFLIGHT_LIMIT_S = 300  # all cases at once; alone, one takes seconds (imports), more on a loaded machine
+RUN_LIMIT_S = 300
+
+
+def _env(prefect_home: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "AWS_", "DDPMSEG_"))}
+    env.update(PYTHONPATH=str(ROOT), PREFECT_HOME=str(prefect_home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120", **extra)
+    return env
+
+
+def _start(args: list[str], env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "flows.cli", *args], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _finish(proc: subprocess.Popen, limit_s: float) -> tuple[int, list[str], float]:
+    """(exit code, stderr lines, seconds from now) of a started run, killed after limit_s."""
+    started = time.monotonic()
+    try:
+        _, err = proc.communicate(timeout=limit_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise AssertionError(f"ddpmseg ran longer than {limit_s} s")
+    return proc.returncode, err.splitlines(), time.monotonic() - started
+
+
+def _one_line(rc: int, lines: list[str], *expected: str) -> str:
+    assert rc == EXIT_USER_ERROR, lines
+    assert len(lines) == 1, "\n".join(lines)
+    line = lines[0]
+    assert line.startswith("ddpmseg: error: ")
+    for text in expected:
+        assert text in line, line
+    return line
+
+
+def _snapshot(root: Path) -> dict[str, str]:
+    """Every file under root with its sha256."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _variant(config: Path, name: str, edit) -> Path:
+    data = yaml.safe_load(config.read_text())
+    edit(data)
+    path = config.parent / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+# -- before Prefect --------------------------------------------------------------------------------------------
+def test_bad_inputs_fail_in_one_line_before_prefect_starts(tmp_path):
+    """(a) a missing train_dir, (b) a missing checkpoint, (c) an unknown key, (d) an unreachable S3 endpoint,
+    output_dir a file, --read-only on a path without a store: one stderr line each, exit 2, no Prefect.
+    With --verbose, the traceback comes before the line."""
+    config = write_tiny_experiment(tmp_path / "exp", n_train=2, n_test=1)
+    (config.parent / "a-file").write_text("not a directory")
+    with socket_closed_port() as port:
+        cases = {
+            "train_dir": (_variant(config, "no-train", lambda c: c["dataset"].update(train_dir="data/missing")),
+                          [], {}, ["data/missing", "does not exist"]),
+            "checkpoint": (_variant(config, "no-ckpt", lambda c: c["model"].update(random_init=False,
+                                                                                  checkpoint="missing.pt")),
+                           [], {}, ["missing.pt", "checkpoint not found", "model.checkpoint"]),
+            "key": (_variant(config, "bad-key", lambda c: c["classifier"].update(learning_rte=0.1)),
+                    [], {}, ["classifier.learning_rte", "unknown key"]),
+            "s3": (_variant(config, "s3", lambda c: c.update(store="s3://bucket/run")), [],
+                   {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+                    "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"},
+                   ["s3://bucket/run", f"127.0.0.1:{port}"]),
+            "output_dir": (_variant(config, "out-file", lambda c: c.update(output_dir="a-file")), [], {},
+                           ["output_dir", "a-file", "is a file, expected a directory"]),
+            "read_only": (config, ["--read-only", "--store", str(tmp_path / "no-store")], {},
+                          ["no store exists at", "no-store"]),
+        }
+        home = tmp_path / "prefect-home"
+        procs = {name: (_start(["run", str(path), "--quiet", *args], _env(home, **extra)), expected)
+                 for name, (path, args, extra, expected) in cases.items()}
+        verbose = _start(["run", str(cases["key"][0]), "--quiet", "--verbose"], _env(home))
+        deadline = time.monotonic() + PREFLIGHT_LIMIT_S
+        for name, (proc, expected) in procs.items():
+            rc, lines, _ = _finish(proc, max(1.0, deadline - time.monotonic()))
+            _one_line(rc, lines, *expected)
+            assert not any("prefect" in line.lower() for line in lines), (name, lines)
+        rc, lines, _ = _finish(verbose, max(1.0, deadline - time.monotonic()))  # --verbose: the traceback too
+        assert rc == EXIT_USER_ERROR
+        assert lines[0].startswith("Traceback (most recent call last):") and len(lines) > 3
+        assert lines[-1].startswith("ddpmseg: error: ") and "classifier.learning_rte" in lines[-1]
+    assert not list(home.rglob("*.db")), "a Prefect server was started"  # its database lives in PREFECT_HOME
+    assert not (tmp_path / "no-store").exists(), "--read-only created the store directory"
+    assert not (config.parent / "store").exists(), "a failed check wrote the store"
+
+
+class socket_closed_port:
+    """A 127.0.0.1 port that nothing listens on (bound, then closed): connections are refused."""
+
+    def __enter__(self) -> int:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    def __exit__(self, *exc) -> None:
+        return None
