@@ -203,6 +203,11 @@ class FeatureStore:
 
     # -- generic write-once arrays ----------------------------------------------------------------------------
     def _group(self, path: str) -> zarr.Group:
+        if self.read_only:  # an existing group, else the error that says why it cannot be made
+            try:
+                return self.root[path]
+            except (KeyError, FileNotFoundError):
+                self.location.check_writable(self.location.path(path))
         try:
             return self.root.require_group(path)
         except ContainsGroupError:  # created concurrently by another writer

@@ -129,3 +129,88 @@ class socket_closed_port:
 
     def __exit__(self, *exc) -> None:
         return None
+
+
+# -- inside the flow -------------------------------------------------------------------------------------------
+def _api_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """Environment of a run against the session's Prefect server (no server start-up per run)."""
+    from prefect.settings import PREFECT_API_URL
+
+    return _env(tmp_path / "prefect-home", PREFECT_API_URL=PREFECT_API_URL.value(), **extra)
+
+
+def _prepared_store(config: Path) -> Path:
+    """The config's store holding every image and view of both splits (what prepare writes), nothing else."""
+    from flows import prepare as prepare_stage
+    from pipeline.config import load_config
+    from storage.features import FeatureStore
+    from storage.location import StoreLocation
+
+    cfg = load_config(config)
+    store = FeatureStore(StoreLocation.parse(cfg.store))
+    for split in ("train", "test"):
+        prepare_stage.prepare(cfg, store, split)
+    return Path(cfg.store)
+
+
+def test_errors_inside_the_flow_are_one_line_and_leave_the_store_unchanged(tmp_path, prefect_server):
+    """A checkpoint that is not a checkpoint (found by the extract task), and a --read-only run on a store that
+    lacks the features (found by the extract task): one stderr line, exit 2, the store byte for byte as before."""
+    config = write_tiny_experiment(tmp_path / "exp", n_train=2, n_test=1)
+    store = _prepared_store(config)
+    (config.parent / "garbage.pt").write_bytes(b"this is not a torch checkpoint\n" * 10)
+    bad_ckpt = _variant(config, "bad-ckpt", lambda c: c["model"].update(random_init=False,
+                                                                        checkpoint="garbage.pt"))
+    before = _snapshot(store)
+    env = _api_env(tmp_path)
+    runs = {"checkpoint": (_start(["run", str(bad_ckpt), "--quiet"], env), ["garbage.pt", "checkpoint"]),
+            "read_only": (_start(["run", str(config), "--quiet", "--read-only"], env), ["read-only"])}
+    deadline = time.monotonic() + RUN_LIMIT_S
+    for name, (proc, expected) in runs.items():
+        rc, lines, _ = _finish(proc, max(1.0, deadline - time.monotonic()))
+        _one_line(rc, lines, *expected)
+    assert _snapshot(store) == before
+
+
+def test_s3_outage_inside_the_flow_is_one_line(tmp_path, prefect_server):
+    """The S3 endpoint goes away while the run writes the store: one line naming the store, exit 2 (not the
+    unrelated `ValueError: Token var ... created in a different Context` that followed it), and what the run
+    committed before the outage verifies clean once the endpoint is back."""
+    import boto3
+
+    from storage import maintenance
+    from storage.features import FeatureStore
+    from storage.location import StoreLocation
+    from tests.test_s3 import BUCKET, S3Server
+
+    server = S3Server()
+    server.start()
+    aws = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": server.endpoint}
+    s3 = boto3.client("s3", endpoint_url=server.endpoint, region_name="us-east-1", aws_access_key_id="testing",
+                      aws_secret_access_key="testing")
+    s3.create_bucket(Bucket=BUCKET)
+    url = f"s3://{BUCKET}/outage"
+    config = write_tiny_experiment(tmp_path / "exp", n_train=2, n_test=1, store=url)
+    proc = _start(["run", str(config), "--quiet"], _api_env(tmp_path, **aws))
+    deadline = time.monotonic() + RUN_LIMIT_S
+    try:
+        while not s3.list_objects_v2(Bucket=BUCKET, Prefix="outage/views/").get("KeyCount"):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the run wrote nothing to the store"
+            time.sleep(0.1)
+        server.stop()  # the run is writing its first views
+        rc, lines, _ = _finish(proc, max(1.0, deadline - time.monotonic()))
+        _one_line(rc, lines, url)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        server.start()
+    old = {k: os.environ.get(k) for k in aws}
+    os.environ.update(aws)
+    try:
+        assert maintenance.verify(FeatureStore(StoreLocation.parse(url), read_only=True)) == []
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+        server.stop()
