@@ -76,9 +76,8 @@ def _variant(config: Path, name: str, edit) -> Path:
 
 # -- before Prefect --------------------------------------------------------------------------------------------
 def test_bad_inputs_fail_in_one_line_before_prefect_starts(tmp_path):
-    """(a) a missing train_dir, (b) a missing checkpoint, (c) an unknown key, (d) an unreachable S3 endpoint,
-    output_dir a file, --read-only on a path without a store: one stderr line each, exit 2, no Prefect.
-    With --verbose, the traceback comes before the line."""
+    """(a) a missing train_dir, (b) a missing checkpoint, (c) an unknown key, (d) an unreachable S3 endpoint:
+    one stderr line each, exit 2, no Prefect server started."""
     config = write_tiny_experiment(tmp_path / "exp", n_train=2, n_test=1)
     (config.parent / "a-file").write_text("not a directory")
     with socket_closed_port() as port:
@@ -94,27 +93,66 @@ def test_bad_inputs_fail_in_one_line_before_prefect_starts(tmp_path):
                    {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
                     "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"},
                    ["s3://bucket/run", f"127.0.0.1:{port}"]),
-            "output_dir": (_variant(config, "out-file", lambda c: c.update(output_dir="a-file")), [], {},
-                           ["output_dir", "a-file", "is a file, expected a directory"]),
-            "read_only": (config, ["--read-only", "--store", str(tmp_path / "no-store")], {},
-                          ["no store exists at", "no-store"]),
         }
         home = tmp_path / "prefect-home"
         procs = {name: (_start(["run", str(path), "--quiet", *args], _env(home, **extra)), expected)
                  for name, (path, args, extra, expected) in cases.items()}
-        verbose = _start(["run", str(cases["key"][0]), "--quiet", "--verbose"], _env(home))
-        deadline = time.monotonic() + PREFLIGHT_LIMIT_S
+        deadline = time.monotonic() + PREFLIGHT_LIMIT_S  # run at once: each pays seconds of imports
         for name, (proc, expected) in procs.items():
             rc, lines, _ = _finish(proc, max(1.0, deadline - time.monotonic()))
             _one_line(rc, lines, *expected)
             assert not any("prefect" in line.lower() for line in lines), (name, lines)
-        rc, lines, _ = _finish(verbose, max(1.0, deadline - time.monotonic()))  # --verbose: the traceback too
-        assert rc == EXIT_USER_ERROR
-        assert lines[0].startswith("Traceback (most recent call last):") and len(lines) > 3
-        assert lines[-1].startswith("ddpmseg: error: ") and "classifier.learning_rte" in lines[-1]
     assert not list(home.rglob("*.db")), "a Prefect server was started"  # its database lives in PREFECT_HOME
-    assert not (tmp_path / "no-store").exists(), "--read-only created the store directory"
     assert not (config.parent / "store").exists(), "a failed check wrote the store"
+
+
+def _main_error(capsys, *argv: str) -> list[str]:
+    """stderr lines of `ddpmseg ARGV` run in this process, which must exit 2."""
+    from flows.cli import main
+
+    assert main(list(argv)) == EXIT_USER_ERROR
+    return capsys.readouterr().err.splitlines()
+
+
+def test_outputs_and_read_only_stores_are_checked_before_computing(tmp_path, capsys):
+    """output_dir a file (was a raw NotADirectoryError after all the compute), masks/ a file, --read-only or
+    `store ls` / `store verify` on a path without a store (created an empty directory there)."""
+    config = write_tiny_experiment(tmp_path / "exp", n_train=2, n_test=1)
+    (config.parent / "a-file").write_text("not a directory")
+    out_file = _variant(config, "out-file", lambda c: c.update(output_dir="a-file"))
+    _one_line(2, _main_error(capsys, "run", str(out_file), "--quiet"), "output_dir", "a-file",
+              "is a file, expected a directory")
+    (config.parent / "out").mkdir()
+    (config.parent / "out" / "masks").write_text("")
+    masks_file = _variant(config, "masks-file", lambda c: c.update(output_dir="out"))
+    _one_line(2, _main_error(capsys, "run", str(masks_file), "--quiet"), "masks", "expected a directory")
+    missing = tmp_path / "no-store"
+    _one_line(2, _main_error(capsys, "run", str(config), "--quiet", "--read-only", "--store", str(missing)),
+              "no store exists at", str(missing))
+    for command in ("ls", "verify"):
+        _one_line(2, _main_error(capsys, "store", command, str(missing)), f"no store exists at {missing}")
+    assert not missing.exists(), "a read created the store directory"
+    assert not (config.parent / "store").exists(), "a failed check wrote the store"
+
+
+def test_store_ls_without_url_names_the_demo_store(tmp_path, capsys, monkeypatch):
+    import zarr
+
+    zarr.open_group(tmp_path / "ddpmseg-demo" / "store", mode="w", zarr_format=3)
+    monkeypatch.chdir(tmp_path)
+    line = _one_line(2, _main_error(capsys, "store", "ls"), f"no store exists at {tmp_path / 'ddpmseg-store'}",
+                     "ddpmseg-demo/store")
+    assert "re-run" not in line
+    assert not (tmp_path / "ddpmseg-store").exists()
+
+
+def test_verbose_shows_the_traceback(tmp_path, capsys):
+    config = write_tiny_experiment(tmp_path / "exp", n_train=2, n_test=1)
+    bad = _variant(config, "bad-key", lambda c: c["classifier"].update(learning_rte=0.1))
+    lines = _main_error(capsys, "run", str(bad), "--quiet", "--verbose")
+    assert lines[0].startswith("Traceback (most recent call last):") and len(lines) > 3
+    assert lines[-1].startswith("ddpmseg: error: ") and "classifier.learning_rte" in lines[-1]
+    assert "DDPMSEG_DEBUG" not in os.environ  # --verbose holds for its command only
 
 
 class socket_closed_port:
@@ -214,3 +252,64 @@ def test_s3_outage_inside_the_flow_is_one_line(tmp_path, prefect_server):
         for k, v in old.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
         server.stop()
+
+
+# -- a killed run leaves no Prefect server behind --------------------------------------------------------------
+def _children(pid: int) -> dict[int, str]:
+    """{pid: command line} of the live processes whose parent is `pid` (Linux /proc)."""
+    out = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid and fields[0] != "Z":
+                out[int(stat.parent.name)] = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, IndexError, ValueError):
+            continue
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"  # a zombie has ended (nobody may reap an orphan in a container)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from Linux /proc")
+def test_killed_run_leaves_no_prefect_server(tmp_path):
+    """SIGKILL of `ddpmseg run` while its temporary Prefect server runs: the server (and its watcher) end within
+    seconds, not minutes."""
+    from flows.embedded import WATCHER_GRACE_S
+
+    config = write_tiny_experiment(tmp_path / "exp", n_train=2, n_test=1)
+    home = tmp_path / "prefect-home"
+    proc = _start(["run", str(config), "--quiet"], _env(home))
+    deadline = time.monotonic() + RUN_LIMIT_S
+    children: dict[int, str] = {}
+    try:
+        while True:  # the server is up once it made its database
+            children = _children(proc.pid)
+            servers = [p for p, cmd in children.items() if "uvicorn" in cmd]
+            if servers and list(home.rglob("prefect.db")):
+                watcher_by = time.monotonic() + 5  # the watcher starts right after the server
+                while len(_children(proc.pid)) < 2 and time.monotonic() < watcher_by:
+                    time.sleep(0.1)
+                children = _children(proc.pid)
+                break
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no Prefect server started"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=30)
+        gone_by = time.monotonic() + WATCHER_GRACE_S + 10
+        killed = time.monotonic()
+        while any(_alive(p) for p in children) and time.monotonic() < gone_by:
+            time.sleep(0.2)
+        assert not [cmd for p, cmd in children.items() if _alive(p)], "outlived the killed run"
+        print(f"server and watcher gone {time.monotonic() - killed:.1f} s after the SIGKILL")
+    finally:
+        proc.kill()
+        for p in children:
+            if _alive(p):
+                os.kill(p, signal.SIGKILL)
