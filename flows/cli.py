@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import yaml
 
-from flows.runner import debug_enabled, prefect_defaults, run_config, store_url
+from flows.runner import debug_enabled, prefect_defaults, run_config, start_embedded_prefect, store_url
 
 EXIT_USER_ERROR = 2
 DEFAULT_STORE = "ddpmseg-store"  # store commands without a URL
@@ -197,6 +197,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
 
     load_config(args.config)
+    start_embedded_prefect()
     out = ablate(str(Path(args.config).resolve()), store_url(args.store) if args.store else None,
                  closing=not args.no_closing, progress=not args.quiet)
     if args.json:
