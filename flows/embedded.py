@@ -83,7 +83,7 @@ class _RunFailures(logging.Filter):
 
 def leave_errors_to_the_cli() -> None:
     """Keep failed-run records (and their tracebacks) off Prefect's console handler; idempotent."""
-    import prefect.main  # noqa: F401 - configures Prefect's logging (its console handler on the root logger)
+    import prefect.main  # noqa: F401  (its import configures Prefect's logging: a console handler on the root logger)
     from prefect.logging.handlers import PrefectConsoleHandler
 
     for handler in logging.getLogger().handlers:

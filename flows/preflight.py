@@ -60,33 +60,21 @@ def check_output_dir(cfg: ExperimentConfig) -> None:
             raise ConfigError(f"output_dir: {path} is not writable (a run writes it)")
 
 
-def no_store_message(url: str) -> str:
-    return f"no store exists at {url}"
-
-
 def check_store(loc: StoreLocation, write: bool) -> None:
     """The store can be read, and written when `write` (nothing is created). StoreAccessError otherwise."""
-    if not loc.is_remote:
-        path = Path(loc.url)
-        if not write:
-            if not (path / "zarr.json").is_file():
-                raise StoreAccessError(f"{no_store_message(loc.url)} (a read-only run reads an existing store)")
-            return
+    if not loc.is_remote and write:
         try:
-            _check_creatable_dir(path, "store")
+            _check_creatable_dir(Path(loc.url), "store")
         except ConfigError as err:
             raise StoreAccessError(str(err)) from None
         return
-    fs = loc.fs
     try:
         if not write:
-            if not fs.exists(loc.path("zarr.json")):
-                raise StoreAccessError(f"{no_store_message(loc.url)} (a read-only run reads an existing store)")
-            fs.info(loc.path("zarr.json"))  # exists() can hide errors: this one raises them
+            loc.require_store(" (a read-only run reads an existing store)")
             return
         probe = loc.path(f".ddpmseg-write-check-{uuid.uuid4().hex[:12]}")
-        fs.pipe_file(probe, b"")
-        fs.rm_file(probe)
+        loc.fs.pipe_file(probe, b"")
+        loc.fs.rm_file(probe)
     except StoreAccessError:
         raise
     except FileNotFoundError as err:

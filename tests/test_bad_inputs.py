@@ -66,6 +66,15 @@ def _snapshot(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+def _closed_port() -> int:
+    """A 127.0.0.1 port that nothing listens on (bound, then closed): connections to it are refused."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _variant(config: Path, name: str, edit) -> Path:
     data = yaml.safe_load(config.read_text())
     edit(data)
@@ -79,29 +88,28 @@ def test_bad_inputs_fail_in_one_line_before_prefect_starts(tmp_path):
     """(a) a missing train_dir, (b) a missing checkpoint, (c) an unknown key, (d) an unreachable S3 endpoint:
     one stderr line each, exit 2, no Prefect server started."""
     config = write_tiny_experiment(tmp_path / "exp", n_train=2, n_test=1)
-    (config.parent / "a-file").write_text("not a directory")
-    with socket_closed_port() as port:
-        cases = {
-            "train_dir": (_variant(config, "no-train", lambda c: c["dataset"].update(train_dir="data/missing")),
-                          [], {}, ["data/missing", "does not exist"]),
-            "checkpoint": (_variant(config, "no-ckpt", lambda c: c["model"].update(random_init=False,
-                                                                                  checkpoint="missing.pt")),
-                           [], {}, ["missing.pt", "checkpoint not found", "model.checkpoint"]),
-            "key": (_variant(config, "bad-key", lambda c: c["classifier"].update(learning_rte=0.1)),
-                    [], {}, ["classifier.learning_rte", "unknown key"]),
-            "s3": (_variant(config, "s3", lambda c: c.update(store="s3://bucket/run")), [],
-                   {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-                    "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"},
-                   ["s3://bucket/run", f"127.0.0.1:{port}"]),
-        }
-        home = tmp_path / "prefect-home"
-        procs = {name: (_start(["run", str(path), "--quiet", *args], _env(home, **extra)), expected)
-                 for name, (path, args, extra, expected) in cases.items()}
-        deadline = time.monotonic() + PREFLIGHT_LIMIT_S  # run at once: each pays seconds of imports
-        for name, (proc, expected) in procs.items():
-            rc, lines, _ = _finish(proc, max(1.0, deadline - time.monotonic()))
-            _one_line(rc, lines, *expected)
-            assert not any("prefect" in line.lower() for line in lines), (name, lines)
+    port = _closed_port()
+    cases = {
+        "train_dir": (_variant(config, "no-train", lambda c: c["dataset"].update(train_dir="data/missing")),
+                      [], {}, ["data/missing", "does not exist"]),
+        "checkpoint": (_variant(config, "no-ckpt", lambda c: c["model"].update(random_init=False,
+                                                                              checkpoint="missing.pt")),
+                       [], {}, ["missing.pt", "checkpoint not found", "model.checkpoint"]),
+        "key": (_variant(config, "bad-key", lambda c: c["classifier"].update(learning_rte=0.1)),
+                [], {}, ["classifier.learning_rte", "unknown key"]),
+        "s3": (_variant(config, "s3", lambda c: c.update(store="s3://bucket/run")), [],
+               {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+                "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"},
+               ["s3://bucket/run", f"127.0.0.1:{port}"]),
+    }
+    home = tmp_path / "prefect-home"
+    procs = {name: (_start(["run", str(path), "--quiet", *args], _env(home, **extra)), expected)
+             for name, (path, args, extra, expected) in cases.items()}
+    deadline = time.monotonic() + PREFLIGHT_LIMIT_S  # run at once: each pays seconds of imports
+    for name, (proc, expected) in procs.items():
+        rc, lines, _ = _finish(proc, max(1.0, deadline - time.monotonic()))
+        _one_line(rc, lines, *expected)
+        assert not any("prefect" in line.lower() for line in lines), (name, lines)
     assert not list(home.rglob("*.db")), "a Prefect server was started"  # its database lives in PREFECT_HOME
     assert not (config.parent / "store").exists(), "a failed check wrote the store"
 
@@ -153,20 +161,6 @@ def test_verbose_shows_the_traceback(tmp_path, capsys):
     assert lines[0].startswith("Traceback (most recent call last):") and len(lines) > 3
     assert lines[-1].startswith("ddpmseg: error: ") and "classifier.learning_rte" in lines[-1]
     assert "DDPMSEG_DEBUG" not in os.environ  # --verbose holds for its command only
-
-
-class socket_closed_port:
-    """A 127.0.0.1 port that nothing listens on (bound, then closed): connections are refused."""
-
-    def __enter__(self) -> int:
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
-
-    def __exit__(self, *exc) -> None:
-        return None
 
 
 # -- inside the flow -------------------------------------------------------------------------------------------
