@@ -123,8 +123,8 @@ def _main_error(capsys, *argv: str) -> list[str]:
 
 
 def test_outputs_and_read_only_stores_are_checked_before_computing(tmp_path, capsys):
-    """output_dir a file (was a raw NotADirectoryError after all the compute), masks/ a file, --read-only or
-    `store ls` / `store verify` on a path without a store (created an empty directory there)."""
+    """output_dir a file (was a raw NotADirectoryError after all the compute), masks/ a file, --read-only,
+    `store ls`, `store verify` or `status` on a path without a store (created an empty directory there)."""
     config = write_tiny_experiment(tmp_path / "exp", n_train=2, n_test=1)
     (config.parent / "a-file").write_text("not a directory")
     out_file = _variant(config, "out-file", lambda c: c.update(output_dir="a-file"))
@@ -139,6 +139,10 @@ def test_outputs_and_read_only_stores_are_checked_before_computing(tmp_path, cap
               "no store exists at", str(missing))
     for command in ("ls", "verify"):
         _one_line(2, _main_error(capsys, "store", command, str(missing)), f"no store exists at {missing}")
+    from flows.cli import main
+
+    assert main(["status", str(config), "--store", str(missing)]) == 0  # every stage missing, nothing created
+    assert "missing" in capsys.readouterr().out
     assert not missing.exists(), "a read created the store directory"
     assert not (config.parent / "store").exists(), "a failed check wrote the store"
 
