@@ -136,8 +136,6 @@ def _open_store(url: str | None, config: str | None = None, read_only: bool = Fa
     return FeatureStore(location, read_only=read_only)
 
 
-
-
 def _default_store_hint() -> str:
     """For a missing default store: where a store is instead (a demo folder keeps its store in DIR/store)."""
     text = " (the default when no URL is given)"
@@ -316,15 +314,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _raised_in_prefect(err: BaseException) -> bool:
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and "/prefect/" in Path(tb.tb_frame.f_code.co_filename).as_posix()
+
+
 def user_error_in(err: BaseException) -> BaseException | None:
-    """The user error (a bad input, an unreachable store) that `err` is or was raised while handling, if any:
-    an orchestrator may wrap it, or fail while cleaning up after it."""
+    """The user error (a bad input, an unreachable store) that `err` is, wraps (`raise ... from`), or that Prefect
+    was handling when it failed itself (e.g. resetting its run context after an S3 outage), if any. An error
+    raised by our own code while handling a user error is not one: it is a bug, and is re-raised."""
     seen: set[int] = set()
     while err is not None and id(err) not in seen:
         if isinstance(err, _user_errors()):
             return err
         seen.add(id(err))
-        err = err.__cause__ or err.__context__
+        err = err.__cause__ or (err.__context__ if _raised_in_prefect(err) else None)
     return None
 
 
