@@ -64,11 +64,13 @@ def add_analysis_commands(subparsers: Any) -> None:
 
 
 def _prepare(args: argparse.Namespace):
-    from flows.runner import prefect_defaults
+    from flows.runner import prefect_defaults, start_embedded_prefect
     from pipeline.config import load_config
 
     prefect_defaults()
-    return load_config(args.config)  # validate before starting Prefect
+    cfg = load_config(args.config)  # validate before starting Prefect
+    start_embedded_prefect()
+    return cfg
 
 
 def _fmt(v: float | None) -> str:

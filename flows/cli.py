@@ -20,9 +20,13 @@ from typing import Any, Sequence
 import yaml
 
 from flows.fetch_cli import require_assets
-from flows.runner import prefect_defaults, run_config, seed_list, store_url
+from flows.runner import debug_enabled, prefect_defaults, run_config, seed_list, start_embedded_prefect, store_url
 
 EXIT_USER_ERROR = 2
+DEFAULT_STORE = "ddpmseg-store"  # store commands without a URL
+DEFAULT_DEMO_OUT = "ddpmseg-demo"  # `ddpmseg demo`'s output directory; its store is DIR/store
+VERBOSE_HELP = ("on an error, show the full traceback and Prefect's logs of the failed run (also: DDPMSEG_DEBUG=1); "
+                "default: one line 'ddpmseg: error: ...', exit code 2")
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -114,14 +118,27 @@ def _open_store(url: str | None, config: str | None = None, read_only: bool = Fa
     from storage.features import FeatureStore
     from storage.location import StoreLocation
 
+    hint = ""
     if url is None:
         if config is None:
-            url = "ddpmseg-store"
+            url = DEFAULT_STORE
+            hint = _default_store_hint()
         else:
             from pipeline.config import load_config
 
             url = load_config(config).store
-    return FeatureStore(StoreLocation.parse(url), read_only=read_only)
+    location = StoreLocation.parse(url)
+    location.require_store(hint)  # every store command works on an existing store: never create one
+    return FeatureStore(location, read_only=read_only)
+
+
+def _default_store_hint() -> str:
+    """For a missing default store: where a store is instead (a demo folder keeps its store in DIR/store)."""
+    text = " (the default when no URL is given)"
+    for candidate in (Path("store"), Path(DEFAULT_DEMO_OUT) / "store"):
+        if (candidate / "zarr.json").is_file():
+            return f"{text}; a store exists at {candidate}: pass it, e.g. `ddpmseg store ls {candidate}`"
+    return f"{text}; `ddpmseg demo --out DIR` keeps its store in DIR/store: pass that path"
 
 
 def cmd_store(args: argparse.Namespace) -> int:
@@ -174,6 +191,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
 
     load_config(args.config)
+    start_embedded_prefect()
     out = ablate(str(Path(args.config).resolve()), store_url(args.store) if args.store else None,
                  closing=not args.no_closing, progress=not args.quiet)
     if args.json:
@@ -195,6 +213,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ddpmseg", description="Label-efficient segmentation with diffusion features: "
                                 "a cached extract -> train -> evaluate pipeline (Prefect flows, zarr feature store).")
+    p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp: argparse.ArgumentParser, with_config: bool = True, runs: bool = False) -> None:
@@ -212,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
                             help="run the Prefect flow even when nothing changed, so the run is recorded in Prefect "
                                  "(default: an unchanged config returns its cached summary without starting Prefect)")
         sp.add_argument("--quiet", action="store_true", help="no progress bars")
+        sp.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
 
     sp = sub.add_parser("run", help="run extract -> train -> evaluate for a config")
     common(sp, runs=True)
@@ -230,10 +250,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("store", help="list, verify (and repair) or garbage-collect a feature store")
     ssub = sp.add_subparsers(dest="store_cmd", required=True)
     s1 = ssub.add_parser("ls", help="units with their images, bytes and creation time")
-    s1.add_argument("url", nargs="?", help="store directory or s3://bucket/prefix (default ./ddpmseg-store)")
+    s1.add_argument("url", nargs="?", help=f"store directory or s3://bucket/prefix (default ./{DEFAULT_STORE})")
     s1.add_argument("--json", action="store_true")
     s2 = ssub.add_parser("verify", help="read every chunk; name corrupted or incomplete units/images; exit 1 if any")
-    s2.add_argument("url", nargs="?", help="store directory or s3://bucket/prefix (default ./ddpmseg-store)")
+    s2.add_argument("url", nargs="?", help=f"store directory or s3://bucket/prefix (default ./{DEFAULT_STORE})")
     s2.add_argument("--repair", action="store_true", help="delete what is corrupted or incomplete (re-run recomputes it)")
     s2.add_argument("--json", action="store_true")
     s3 = ssub.add_parser("gc", help="delete everything that none of the given configs references")
@@ -260,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "for three feature types on one store: ddpm (the bundled demo backbone), rgb "
                                     "(colour + coordinates) and random-unet (the same UNet, random weights). "
                                     "Prints a table, writes DIR/metrics.json and DIR/report.html.")
-    sp.add_argument("--out", default="ddpmseg-demo", help="output directory (default ./ddpmseg-demo)")
+    sp.add_argument("--out", default=DEFAULT_DEMO_OUT, help=f"output directory (default ./{DEFAULT_DEMO_OUT})")
     sp.add_argument("--seeds", type=seed_list, default=[0],
                     help="classifier seeds, e.g. 0,1,2: features are extracted once, one ensemble per seed "
                          "(default 0)")
@@ -294,17 +314,58 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _raised_in_prefect(err: BaseException) -> bool:
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and "/prefect/" in Path(tb.tb_frame.f_code.co_filename).as_posix()
+
+
+def user_error_in(err: BaseException) -> BaseException | None:
+    """The user error (a bad input, an unreachable store) that `err` is, wraps (`raise ... from`), or that Prefect
+    was handling when it failed itself (e.g. resetting its run context after an S3 outage), if any. An error
+    raised by our own code while handling a user error is not one: it is a bug, and is re-raised."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, _user_errors()):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or (err.__context__ if _raised_in_prefect(err) else None)
+    return None
+
+
+def one_line(err: BaseException) -> str:
+    """An error message on one line (a multi-line message's lines joined with ' | ')."""
+    return " | ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    import os
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning, module="guided_diffusion")  # its torch.cuda.amp use
     args = build_parser().parse_args(argv)
+    debug_before = os.environ.get("DDPMSEG_DEBUG")
+    if args.verbose:
+        os.environ["DDPMSEG_DEBUG"] = "1"  # for this command (flows.runner.debug_enabled), restored after it
     prefect_defaults()
     try:
         return args.func(args)
-    except _user_errors() as err:
-        print(f"ddpmseg: error: {err}", file=sys.stderr)
+    except Exception as err:  # noqa: BLE001 - a user error is reported in one line, anything else re-raised
+        cause = user_error_in(err)
+        if cause is None:
+            raise
+        if debug_enabled():
+            import traceback
+
+            traceback.print_exc()
+        print(f"ddpmseg: error: {one_line(cause)}", file=sys.stderr)
         return EXIT_USER_ERROR
+    finally:
+        if debug_before is None:
+            os.environ.pop("DDPMSEG_DEBUG", None)
+        else:
+            os.environ["DDPMSEG_DEBUG"] = debug_before
 
 
 if __name__ == "__main__":

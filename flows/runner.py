@@ -35,11 +35,31 @@ def run_config(config_path: str | Path, store: str | None = None, stages: tuple[
         summary, _ = fastpath.check(cfg, url, tuple(stages), read_only)
         if summary is not None:
             return summary
+    from flows.preflight import check_run
+
+    check_run(cfg, url, read_only or cfg.store_read_only)  # bad input fails here, in one line, before Prefect
     from flows.segment import segment_on
+
+    start_embedded_prefect()
 
     dask_address = dask_address or os.environ.get("DDPMSEG_DASK_ADDRESS") or None
     return segment_on(dask_address)(str(Path(config_path).resolve()), url, list(stages), progress, read_only,
                                     parallel=bool(dask_address))
+
+
+def debug_enabled() -> bool:
+    """Full tracebacks and Prefect's own error logs: `--verbose` or DDPMSEG_DEBUG=1."""
+    return os.environ.get("DDPMSEG_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def start_embedded_prefect() -> None:
+    """Before a command runs a flow: Prefect's temporary server ends with this process (flows/embedded.py), and
+    a failed run is reported by the command line alone (one line) unless debug_enabled()."""
+    from flows import embedded
+
+    embedded.bind_server_to_this_process()
+    if not debug_enabled():
+        embedded.leave_errors_to_the_cli()
 
 
 def store_url(url: str) -> str:

@@ -78,7 +78,7 @@ def diff_inputs(old: dict[str, Any] | None, new: dict[str, Any], names: dict[str
 
 def stage_status(cfg: ExperimentConfig, store_url: str | None = None) -> list[dict[str, Any]]:
     """One entry per stage (extract per split and timestep): {"stage", "state", "reasons"}."""
-    store = FeatureStore(StoreLocation.parse(store_url or cfg.store))
+    store = FeatureStore(StoreLocation.parse(store_url or cfg.store), read_only=True)  # reading never creates
     lock = references.read_lock(cfg)
     old = lock.get("stages", {})
     prepared = {split: prepare_stage.prepare(cfg, store, split, write=False) for split in ("train", "test")}

@@ -190,6 +190,10 @@ class FeatureStore:
     def root(self) -> zarr.Group:
         if self._root is None:
             def open_root() -> zarr.Group:
+                if self.read_only and not self.location.holds_store():
+                    # reading never creates a store: one that does not exist reads as empty (commands that
+                    # need an existing store check location.require_store first)
+                    return zarr.open_group(store=MemoryStore(read_only=False), mode="w", zarr_format=3)
                 store = self.location.zarr_store(read_only=self.read_only)
                 mode = "r" if self.read_only else "a"
                 with self._documents(""):
@@ -198,7 +202,7 @@ class FeatureStore:
                     root.attrs["ddpmseg"] = {"layout": 1}
                 return root
 
-            self._root = with_retries(open_root, f"open the store {self.location.url}")
+            self._root = with_retries(open_root, f"open the store {self.location.url}", writing=not self.read_only)
         return self._root
 
     # -- metadata documents -----------------------------------------------------------------------------------
@@ -231,6 +235,11 @@ class FeatureStore:
     # -- generic write-once arrays ----------------------------------------------------------------------------
     def _group(self, path: str) -> zarr.Group:
         with self._documents(path):
+            if self.read_only:  # an existing group, else the error that says why it cannot be made
+                try:
+                    return self.root[path]
+                except (KeyError, FileNotFoundError):
+                    self.location.check_writable(self.location.path(path))
             try:
                 return self.root.require_group(path)
             except ContainsGroupError:  # created concurrently by another writer

@@ -59,9 +59,9 @@ def describe_error(err: BaseException) -> str:
     return text
 
 
-def with_retries(action, what: str, attempts: int | None = None):
+def with_retries(action, what: str, attempts: int | None = None, writing: bool = True):
     """Run `action()`; retry transient connection failures a bounded number of times, then raise
-    StoreAccessError naming `what`."""
+    StoreAccessError naming `what` (for a write, saying that nothing partial was committed)."""
     attempts = attempts or WRITE_ATTEMPTS
     for attempt in range(1, attempts + 1):
         try:
@@ -73,8 +73,8 @@ def with_retries(action, what: str, attempts: int | None = None):
                 time.sleep(0.5 * attempt)
                 continue
             tried = f" after {attempt} attempts" if attempt > 1 else ""
-            raise StoreAccessError(f"cannot {what}{tried}: {describe_error(err)}. Nothing partial was committed; "
-                                   f"re-run to resume") from err
+            resume = ". Nothing partial was committed; re-run to resume" if writing else ""
+            raise StoreAccessError(f"cannot {what}{tried}: {describe_error(err)}{resume}") from err
 
 
 def s3_options_from_env() -> dict[str, Any]:
@@ -127,11 +127,24 @@ class StoreLocation:
         return f"{self.url}/{key}".rstrip("/") if key else self.url
 
     def zarr_store(self, read_only: bool = False) -> zarr.abc.store.Store:
+        """The zarr store at this root; a local directory is created only when opened for writing."""
         if self.is_remote:
             return zarr.storage.FsspecStore.from_url(self.url, storage_options=self.storage_options,
                                                      read_only=read_only)
-        Path(self.url).mkdir(parents=True, exist_ok=True)
+        if not read_only:
+            Path(self.url).mkdir(parents=True, exist_ok=True)
         return zarr.storage.LocalStore(self.url, read_only=read_only)
+
+    def holds_store(self) -> bool:
+        """A store exists here (its root group's zarr.json); nothing is created. Raises on an unreachable S3."""
+        if not self.is_remote:
+            return (Path(self.url) / "zarr.json").is_file()
+        return self.fs.exists(self.path("zarr.json"))
+
+    def require_store(self, hint: str = "") -> None:
+        """StoreAccessError saying that no store exists here (for reads, which never create one)."""
+        if not self.holds_store():
+            raise StoreAccessError(f"no store exists at {self.url}{hint}")
 
     # Plain objects (stage records, model members, metrics) beside the zarr hierarchy -------------------------
     def check_writable(self, what: str) -> None:
