@@ -186,9 +186,9 @@ def train_member(
 
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from pipeline.progress import progress_bar
 
-        bar = tqdm(desc=desc or "train member", unit="it", leave=False)
+        bar = progress_bar(desc=desc or "train member", unit="it", leave=False)
 
     iterations = 0
     epochs_run = 0
