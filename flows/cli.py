@@ -294,10 +294,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+# guided_diffusion/nn.py decorates with torch.cuda.amp.custom_fwd/bwd, which torch deprecates (a FutureWarning per
+# import of guided_diffusion, in this process and in every worker process a process pool spawns).
+GUIDED_DIFFUSION_WARNING = "ignore::FutureWarning:guided_diffusion.nn"
+
+
+def _quiet_dependency_warnings() -> None:
+    """Ignore guided_diffusion's FutureWarnings here and, through PYTHONWARNINGS (read by every Python process
+    started from this one, e.g. the sweep's spawned workers), in child processes; the user's PYTHONWARNINGS entries
+    stay in force for everything else."""
     import warnings
 
-    warnings.filterwarnings("ignore", category=FutureWarning, module="guided_diffusion")  # its torch.cuda.amp use
+    warnings.filterwarnings("ignore", category=FutureWarning, module="guided_diffusion")
+    user = os.environ.get("PYTHONWARNINGS", "")
+    if GUIDED_DIFFUSION_WARNING not in user.split(","):
+        os.environ["PYTHONWARNINGS"] = f"{user},{GUIDED_DIFFUSION_WARNING}" if user else GUIDED_DIFFUSION_WARNING
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    _quiet_dependency_warnings()
     args = build_parser().parse_args(argv)
     prefect_defaults()
     try:

@@ -80,3 +80,33 @@ def test_demo_table_one_seed_has_no_spread_and_full_class_names():
 def test_demo_table_several_seeds_states_the_spread(std):
     text = format_table({"ddpm": _entry({"0": 40.6, "1": 41.2}, std)})
     assert text.splitlines()[2].split()[:3] == ["ddpm", "40.9", f"{std:.1f}"]
+
+
+_SPAWN_IMPORT = """
+import multiprocessing, sys
+{setup}
+if __name__ == "__main__":
+    child = multiprocessing.get_context("spawn").Process(target=__import__, args=("guided_diffusion.nn",))
+    child.start()
+    child.join()
+    sys.exit(child.exitcode)
+"""
+
+
+@pytest.mark.parametrize("quiet", [True, False])
+def test_cli_keeps_guided_diffusion_future_warnings_out_of_spawned_workers(tmp_path, quiet):
+    """A process pool (the sweep's workers) spawns fresh interpreters that import guided_diffusion; the CLI's
+    warning setup must reach them. The control run (no setup) shows the warning is real."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    setup = "from flows.cli import _quiet_dependency_warnings; _quiet_dependency_warnings()" if quiet else ""
+    script = tmp_path / "spawn_import.py"
+    script.write_text(_SPAWN_IMPORT.format(setup=setup))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    env.pop("PYTHONWARNINGS", None)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert ("FutureWarning" in done.stderr) is not quiet, done.stderr
