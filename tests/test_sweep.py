@@ -148,18 +148,19 @@ _WORK_DONE = ("unet_forwards", "image_forwards", "classifiers_trained", "cells_e
 def _forget_cells(cfg, summary, members: int, epochs: int) -> None:
     """Delete the sweep's records and its cells' members, keeping the features: the next sweep trains and
     evaluates every cell again."""
-    from flows import stages
+    from flows import prepare as prepare_stage
+    from flows import stage_keys
     from storage.features import FeatureStore
 
     loc = StoreLocation.parse(summary["store"])
     record = artifacts.read_record(loc, sweep.SWEEP_STAGE, summary["sweep_key"])
-    refs = stages.prepare_split(cfg, FeatureStore(loc), "train", write=False)
+    refs = prepare_stage.prepare_split(cfg, FeatureStore(loc), "train", write=False)
     for block, step, cell_key in record["inputs"]["cells"]:
         loc.delete(artifacts.record_path(sweep.CELL_STAGE, cell_key))
-        train = stages.train_key(sweep.cell_config(cfg, block, step, members, epochs), refs)
+        train = stage_keys.train_key(sweep.cell_config(cfg, block, step, members, epochs), refs)
         for index in range(members):
-            loc.delete(artifacts.member_key(stages.members_key(train), index) + ".json")  # the commit first
-            loc.delete(artifacts.member_key(stages.members_key(train), index) + ".pt")
+            loc.delete(artifacts.member_key(stage_keys.members_key(train), index) + ".json")  # the commit first
+            loc.delete(artifacts.member_key(stage_keys.members_key(train), index) + ".pt")
     loc.delete(artifacts.record_path(sweep.SWEEP_STAGE, summary["sweep_key"]))
 
 
