@@ -303,6 +303,7 @@ def _quiet_dependency_warnings() -> None:
     """Ignore guided_diffusion's FutureWarnings here and, through PYTHONWARNINGS (read by every Python process
     started from this one, e.g. the sweep's spawned workers), in child processes; the user's PYTHONWARNINGS entries
     stay in force for everything else."""
+    import os
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning, module="guided_diffusion")

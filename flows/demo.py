@@ -91,18 +91,19 @@ def _summarise(feature: str, runs: list[dict[str, Any]], class_names: Sequence[s
 
 def run_demo(out: str | Path, seeds: Sequence[int] = (0,), n_train: int = 10, n_test: int = 50, members: int = 10,
              features: Sequence[str] = FEATURE_TYPES, progress: bool = True,
-             run: Callable[[Path], dict[str, Any]] | None = None) -> dict[str, Any]:
+             run: Callable[[Path, str], dict[str, Any]] | None = None) -> dict[str, Any]:
     """Generate the data if absent, run the flow for each feature type and seed, write metrics.json and
     report.html under `out`; returns {"features": {feature: entry}, "metrics_path", "report_path", ...}.
 
-    run: how a config is run (default: flows.runner.run_config, the segment flow); returns the flow's summary."""
+    run(config path, label): how a config is run (default: flows.runner.run_config, the segment flow, whose
+    progress bars start with the label, e.g. "ddpm s0"); returns the flow's summary."""
     from pipeline import synthetic
 
     if run is None:
         from flows.runner import run_config
 
-        def run(path: Path) -> dict[str, Any]:
-            return run_config(path, None, progress=progress)
+        def run(path: Path, label: str) -> dict[str, Any]:
+            return run_config(path, None, progress=progress, label=label)
 
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -114,7 +115,7 @@ def run_demo(out: str | Path, seeds: Sequence[int] = (0,), n_train: int = 10, n_
             cfg = demo_config(feature, seed, n_train, n_test, members)
             path = out / f"config-{feature}-s{seed}.yaml"
             path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-            summary = run(path)
+            summary = run(path, f"{feature} s{seed}")
             evaluation = json.loads(Path(summary["metrics_path"]).read_text())["result"]
             results[feature].append({**summary, "seed": seed, "scores": evaluation["scores"],
                                      "output_dir": str(Path(summary["metrics_path"]).parent)})

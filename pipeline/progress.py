@@ -14,7 +14,7 @@ import sys
 import time
 from typing import Any, Iterable, Iterator, TextIO
 
-__all__ = ["progress_bar", "PlainProgress", "QUARTERS", "DEFAULT_INTERVAL_S"]
+__all__ = ["progress_bar", "PlainProgress", "labelled", "QUARTERS", "DEFAULT_INTERVAL_S"]
 
 QUARTERS = (25, 50, 75, 100)  # the percentages at which a known total gets a plain line
 DEFAULT_INTERVAL_S = 60.0  # the longest silence between plain lines while a loop runs
@@ -90,6 +90,11 @@ class PlainProgress:
         self.stream.write(f"{self.desc}: {done}, {now - self.started:.0f} s{extra}\n")
         self.stream.flush()
         self.last_line = now
+
+
+def labelled(label: str, what: str) -> str:
+    """A bar's description: which run (`label`, e.g. "ddpm s0"; may be empty) and what it counts."""
+    return f"{label} {what}" if label else what
 
 
 def progress_bar(iterable: Iterable[Any] | None = None, *, desc: str, total: int | None = None, unit: str = "it",

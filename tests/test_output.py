@@ -110,3 +110,33 @@ def test_cli_keeps_guided_diffusion_future_warnings_out_of_spawned_workers(tmp_p
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     assert ("FutureWarning" in done.stderr) is not quiet, done.stderr
+
+
+def test_cli_run_off_a_terminal_writes_a_few_labelled_plain_lines(tiny_experiment, prefect_server):
+    """`ddpmseg run` with stderr to a pipe: no carriage returns, no FutureWarning, a bounded number of lines,
+    each naming the run (the config's stem) and the stage."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from prefect.settings import PREFECT_API_URL
+
+    config = tiny_experiment()  # 4 train images (one batch) x 2 steps, 3 test images, 2 members
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(),
+           "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    env.pop("PYTHONWARNINGS", None)
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "run", str(config)], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "\r" not in done.stderr and "Warning" not in done.stderr, done.stderr[-3000:]
+    lines = done.stderr.splitlines()
+    bars = ["config extract train: ", "config extract test: ", "config member 1/2: ", "config member 2/2: ",
+            "config evaluate: "]
+    for bar in bars:
+        count = sum(line.startswith(bar) for line in lines)
+        assert 1 <= count <= len(QUARTERS) + 1, (bar, lines)  # + 1: a line after 60 s on a very busy machine
+    assert all(any(line.startswith(bar) for bar in bars) for line in lines), lines
+    assert [line for line in lines if line.startswith("config evaluate: ")][-1].startswith(
+        "config evaluate: 3/3 img (100%), ")
+    assert "mIoU" in done.stdout
