@@ -260,12 +260,13 @@ def sweep_flow(config: dict[str, Any], store_url: str, blocks: list[int], steps:
         member_futures += futures
         eval_futures.append(((b, t), evaluate_cell_task.submit(conf_bt, loc.url, test_refs, _key_dict(train),
                                                                _key_dict(ckey), wait_for=futures)))
-    trained = sum(int(f.result()["ran"]) for f in progress_bar(
-        member_futures, desc=labelled(SWEEP_STAGE, "train"), unit="member", enabled=progress))
+    trained = sum(int(f.result()["ran"]) for f in progress_bar(member_futures, desc=labelled(SWEEP_STAGE, "train"),
+                                                                unit="member",
+                                                                enabled=progress and bool(member_futures)))
     results = dict(cached_results)
     evaluated = 0
     for cell, future in progress_bar(eval_futures, desc=labelled(SWEEP_STAGE, "evaluate"), unit="cell",
-                                     enabled=progress):
+                                     enabled=progress and bool(eval_futures)):
         out = future.result()
         results[cell] = out["result"]
         evaluated += int(out["ran"])

@@ -78,7 +78,9 @@ class PlainProgress:
         if self.closed:
             return
         self.closed = True
-        if not self.total or self.next_quarter < len(QUARTERS):  # the end was not reported by a quarter mark
+        if self.total == 0:  # an empty loop: nothing to report
+            return
+        if self.total is None or self.next_quarter < len(QUARTERS):  # the end was not reported by a quarter mark
             self._line(time.monotonic())
 
     def _line(self, now: float) -> None:

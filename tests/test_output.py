@@ -140,3 +140,10 @@ def test_cli_run_off_a_terminal_writes_a_few_labelled_plain_lines(tiny_experimen
     assert [line for line in lines if line.startswith("config evaluate: ")][-1].startswith(
         "config evaluate: 3/3 img (100%), ")
     assert "mIoU" in done.stdout
+
+
+def test_progress_of_an_empty_loop_off_a_terminal_writes_nothing():
+    stream = io.StringIO()
+    for _ in progress_bar([], desc="sweep train", unit="member", stream=stream):
+        pass
+    assert stream.getvalue() == ""
