@@ -20,11 +20,10 @@ def run_config(config_path: str | Path, store: str | None = None, stages: tuple[
                label: str | None = None) -> dict[str, Any]:
     """Validate a config and run the segment flow on it; returns the flow's summary.
 
-    label: first on each progress bar, to tell runs apart (default: the config file's stem).
-
     When nothing would change (every stage fresh in the store, outputs and lock file up to date: see
     flows/fastpath.py) the flow is not started and the summary it would have returned comes back with
-    "flow_run": None. always_flow: run the flow anyway (so the run is recorded in Prefect)."""
+    "flow_run": None. always_flow: run the flow anyway (so the run is recorded in Prefect). label: first on each
+    progress bar, to tell runs apart (default: the config file's stem)."""
     prefect_defaults()
     from pipeline.config import load_config
 
