@@ -227,6 +227,8 @@ def train_member(
                 raise ValueError(f"epoch_batches({epoch}) yielded no batch: no labelled pixels to train on?")
             if stopped_early:
                 break
+        if bar is not None:  # the state at the end, for the bar's last line
+            bar.set_postfix(epoch=epochs_run - 1, loss=f"{final_loss:.4f}")
     finally:
         if bar is not None:
             bar.close()
