@@ -47,7 +47,7 @@ def ablate(config_path: str, store_url: str | None = None, closing: bool = True,
     cfg = load_config(config_path)
     rows = []
     for name, variant in ablation_configs(cfg, closing):
-        s = run_segment(variant, store_url, progress=progress)
+        s = run_segment(variant, store_url, progress=progress, label=f"ablate {name}")
         rows.append({"row": name, "miou": s["miou"], "miou_standard": s["miou_standard"],
                      "unet_forwards": s["unet_forwards"], "members_trained": s["members_trained"],
                      "recomputed": [k for k, v in s["stages"].items() if v == "ran"]})

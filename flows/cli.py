@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -339,11 +340,25 @@ def one_line(err: BaseException) -> str:
     return " | ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    import os
+# guided_diffusion/nn.py decorates with torch.cuda.amp.custom_fwd/bwd, which torch deprecates (a FutureWarning per
+# import of guided_diffusion, in this process and in every worker process a process pool spawns).
+GUIDED_DIFFUSION_WARNING = "ignore::FutureWarning:guided_diffusion.nn"
+
+
+def _quiet_dependency_warnings() -> None:
+    """Ignore guided_diffusion's FutureWarnings here and, through PYTHONWARNINGS (read by every Python process
+    started from this one, e.g. the sweep's spawned workers), in child processes; the user's PYTHONWARNINGS entries
+    stay in force for everything else."""
     import warnings
 
-    warnings.filterwarnings("ignore", category=FutureWarning, module="guided_diffusion")  # its torch.cuda.amp use
+    warnings.filterwarnings("ignore", category=FutureWarning, module="guided_diffusion")
+    user = os.environ.get("PYTHONWARNINGS", "")
+    if GUIDED_DIFFUSION_WARNING not in user.split(","):
+        os.environ["PYTHONWARNINGS"] = f"{user},{GUIDED_DIFFUSION_WARNING}" if user else GUIDED_DIFFUSION_WARNING
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    _quiet_dependency_warnings()
     args = build_parser().parse_args(argv)
     debug_before = os.environ.get("DDPMSEG_DEBUG")
     if args.verbose:

@@ -91,18 +91,19 @@ def _summarise(feature: str, runs: list[dict[str, Any]], class_names: Sequence[s
 
 def run_demo(out: str | Path, seeds: Sequence[int] = (0,), n_train: int = 10, n_test: int = 50, members: int = 10,
              features: Sequence[str] = FEATURE_TYPES, progress: bool = True,
-             run: Callable[[Path], dict[str, Any]] | None = None) -> dict[str, Any]:
+             run: Callable[[Path, str], dict[str, Any]] | None = None) -> dict[str, Any]:
     """Generate the data if absent, run the flow for each feature type and seed, write metrics.json and
     report.html under `out`; returns {"features": {feature: entry}, "metrics_path", "report_path", ...}.
 
-    run: how a config is run (default: flows.runner.run_config, the segment flow); returns the flow's summary."""
+    run(config path, label): how a config is run (default: flows.runner.run_config, the segment flow, whose
+    progress bars start with the label, e.g. "ddpm s0"); returns the flow's summary."""
     from pipeline import synthetic
 
     if run is None:
         from flows.runner import run_config
 
-        def run(path: Path) -> dict[str, Any]:
-            return run_config(path, None, progress=progress)
+        def run(path: Path, label: str) -> dict[str, Any]:
+            return run_config(path, None, progress=progress, label=label)
 
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -114,7 +115,7 @@ def run_demo(out: str | Path, seeds: Sequence[int] = (0,), n_train: int = 10, n_
             cfg = demo_config(feature, seed, n_train, n_test, members)
             path = out / f"config-{feature}-s{seed}.yaml"
             path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-            summary = run(path)
+            summary = run(path, f"{feature} s{seed}")
             evaluation = json.loads(Path(summary["metrics_path"]).read_text())["result"]
             results[feature].append({**summary, "seed": seed, "scores": evaluation["scores"],
                                      "output_dir": str(Path(summary["metrics_path"]).parent)})
@@ -165,7 +166,7 @@ def write_demo_report(out: Path, entries: dict[str, dict[str, Any]], results: di
     seeds = len(next(iter(results.values())))
     table = report.Table(
         ["features", "mIoU", "± (seeds)", "pixel accuracy", *synthetic.CLASS_NAMES],
-        [[f, e["miou"], e["miou_std"], e["pixel_accuracy"], *[e["per_class_iou"].get(c) for c in synthetic.CLASS_NAMES]]
+        [[f, e["miou"], format_spread(e, 2), e["pixel_accuracy"], *[e["per_class_iou"].get(c) for c in synthetic.CLASS_NAMES]]
          for f, e in entries.items()],
         caption=f"official mIoU (%), mean over {seeds} classifier seed(s); per-class IoU (%)")
     return report.write_html_report(out / "report.html", "ddpmseg demo: diffusion features vs baselines", [
@@ -181,14 +182,26 @@ def write_demo_report(out: Path, entries: dict[str, dict[str, Any]], results: di
     ])
 
 
+SPREAD_NONE = "–"  # the seed spread with one seed: there is none to state
+
+
+def format_spread(entry: dict[str, Any], digits: int = 1) -> str:
+    """The seed spread of one feature type's entry as text: the population std over its seeds, or "–" with one
+    seed (a single run has no spread; metrics.json then holds miou_std 0.0)."""
+    return f"{entry['miou_std']:.{digits}f}" if len(entry["per_seed"]) > 1 else SPREAD_NONE
+
+
 def format_table(entries: dict[str, dict[str, Any]]) -> str:
-    """The demo's table as text: mIoU ± seed spread, pixel accuracy and per-class IoU per feature type."""
+    """The demo's table as text: mIoU ± seed spread ("–" with one seed), pixel accuracy and per-class IoU per
+    feature type, each class under its full name."""
     from pipeline import synthetic
 
     names = list(synthetic.CLASS_NAMES)
-    head = f"{'features':<12} {'mIoU':>6} {'±':>5} {'pix acc':>7}  " + " ".join(f"{n[:8]:>8}" for n in names)
+    widths = [max(6, len(n)) for n in names]
+    head = f"{'features':<12} {'mIoU':>6} {'±':>5} {'pix acc':>7}  " + " ".join(
+        f"{n:>{w}}" for n, w in zip(names, widths))
     lines = [head, "-" * len(head)]
     for f, e in entries.items():
-        per = " ".join(f"{e['per_class_iou'].get(n, float('nan')):8.1f}" for n in names)
-        lines.append(f"{f:<12} {e['miou']:6.1f} {e['miou_std']:5.1f} {e['pixel_accuracy']:7.1f}  {per}")
+        per = " ".join(f"{e['per_class_iou'].get(n, float('nan')):{w}.1f}" for n, w in zip(names, widths))
+        lines.append(f"{f:<12} {e['miou']:6.1f} {format_spread(e):>5} {e['pixel_accuracy']:7.1f}  {per}")
     return "\n".join(lines)

@@ -6,11 +6,11 @@ from dataclasses import asdict
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from pipeline import augment, metrics
 from pipeline.config import ExperimentConfig
 from pipeline.predict import merge_views, predict_maps, undo_view
+from pipeline.progress import labelled, progress_bar
 from storage import artifacts
 from storage.features import FeatureStore
 from storage.keys import Key
@@ -18,17 +18,18 @@ from flows.stage_keys import BASE_VIEW, ImageRef, tta_views
 from flows.train import load_members, map_reader
 
 def evaluate(cfg: ExperimentConfig, store: FeatureStore, refs: list[ImageRef], train: Key, key: Key,
-             progress: bool = True) -> dict[str, Any]:
+             progress: bool = True, label: str = "") -> dict[str, Any]:
     """Predict every test image (each test-time view, merged), score it, persist masks and metrics.
 
-    refs: the base test refs; test-time views are derived from cfg.tta (their features must be extracted)."""
+    refs: the base test refs; test-time views are derived from cfg.tta (their features must be extracted).
+    label: which run the progress bar belongs to (e.g. "ddpm s0")."""
     loc = store.location
     members = load_members(loc, train, cfg.classifier.model_num)
     maps_of = map_reader(cfg, store, cache_size=1)
     d = cfg.dataset
     views = ([(BASE_VIEW, [])] if cfg.tta.include_original else []) + [(t, s) for t, _, s in tta_views(cfg)]
     masks, gts, uncertainties = [], [], []
-    for r in tqdm(refs, desc="evaluate", unit="img", disable=not progress):
+    for r in progress_bar(refs, desc=labelled(label, "evaluate"), unit="img", enabled=progress):
         preds = [undo_view(predict_maps(members, maps_of(f"{view}/{r.image_id}"), cfg.image_size), specs)
                  for view, specs in views]
         mask = merge_views(preds, cfg.tta.merge)

@@ -10,11 +10,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from pipeline import backbone as bb
 from pipeline.config import ExperimentConfig
 from pipeline.features import rgb_features
+from pipeline.progress import progress_bar
 from pipeline.threads import torch_threads
 from storage.features import FeatureStore, UnitSpec, to_float16
 from storage.keys import digest
@@ -99,7 +99,7 @@ def _extract_jobs(cfg: ExperimentConfig, store: FeatureStore, jobs: list[Forward
         pending = None
         inputs_of = None  # (view, image ids) whose inputs x0 holds
         try:
-            for job in tqdm(jobs, desc=desc, unit="fwd", disable=not progress):
+            for job in progress_bar(jobs, desc=desc, unit="fwd", enabled=progress):
                 unit = unit_for(cfg, job.t, job.view)
                 store.ensure_unit(unit, {**provenance, "t": job.t, "view": job.view})
                 ids = list(job.image_ids)

@@ -16,12 +16,14 @@ def prefect_defaults() -> None:
 
 def run_config(config_path: str | Path, store: str | None = None, stages: tuple[str, ...] = ("extract", "train",
                "evaluate"), progress: bool = True, read_only: bool = False,
-               dask_address: str | None = None, always_flow: bool = False) -> dict[str, Any]:
+               dask_address: str | None = None, always_flow: bool = False,
+               label: str | None = None) -> dict[str, Any]:
     """Validate a config and run the segment flow on it; returns the flow's summary.
 
     When nothing would change (every stage fresh in the store, outputs and lock file up to date: see
     flows/fastpath.py) the flow is not started and the summary it would have returned comes back with
-    "flow_run": None. always_flow: run the flow anyway (so the run is recorded in Prefect)."""
+    "flow_run": None. always_flow: run the flow anyway (so the run is recorded in Prefect). label: first on each
+    progress bar, to tell runs apart (default: the config file's stem)."""
     prefect_defaults()
     from flows.fetch_cli import require_assets
     from pipeline.config import load_config
@@ -44,7 +46,7 @@ def run_config(config_path: str | Path, store: str | None = None, stages: tuple[
 
     dask_address = dask_address or os.environ.get("DDPMSEG_DASK_ADDRESS") or None
     return segment_on(dask_address)(str(Path(config_path).resolve()), url, list(stages), progress, read_only,
-                                    parallel=bool(dask_address))
+                                    parallel=bool(dask_address), label=label)
 
 
 def debug_enabled() -> bool:

@@ -11,6 +11,7 @@ when the store has it but Prefect does not, the task runs and finds nothing to d
 from __future__ import annotations
 
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, task
@@ -24,6 +25,7 @@ from flows import references
 from flows import stage_keys
 from flows import train as train_stage
 from pipeline.config import ExperimentConfig, config_to_dict, load_config
+from pipeline.progress import labelled
 from storage import artifacts
 from storage.features import FeatureStore
 from storage.keys import Key, digest
@@ -62,26 +64,28 @@ def prepare_task(config: dict[str, Any], store_url: str, split: str) -> dict[str
 
 @task(name="extract", **_cached)
 def extract_task(config: dict[str, Any], store_url: str, refs: list[dict[str, str]], key: dict[str, Any],
-                 split: str, progress: bool = True) -> dict[str, int]:
+                 split: str, progress: bool = True, label: str = "") -> dict[str, int]:
     cfg, store = _open(config, store_url)
-    return extract_stage.extract_split(cfg, store, _refs(refs), progress=progress, desc=f"extract {split}")
+    return extract_stage.extract_split(cfg, store, _refs(refs), progress=progress,
+                                       desc=labelled(label, f"extract {split}"))
 
 
 @task(name="train-member", **_cached)
 def train_member_task(config: dict[str, Any], store_url: str, refs: list[dict[str, str]], key: dict[str, Any],
-                      index: int, progress: bool = True) -> dict[str, Any]:
+                      index: int, progress: bool = True, label: str = "") -> dict[str, Any]:
     cfg, store = _open(config, store_url)
-    return train_stage.train_member(cfg, store, _refs(refs), Key(**key), index, progress=progress)
+    return train_stage.train_member(cfg, store, _refs(refs), Key(**key), index, progress=progress, label=label)
 
 
 @task(name="evaluate", **_cached)
 def evaluate_task(config: dict[str, Any], store_url: str, refs: list[dict[str, str]], train: dict[str, Any],
-                  key: dict[str, Any], progress: bool = True) -> dict[str, Any]:
+                  key: dict[str, Any], progress: bool = True, label: str = "") -> dict[str, Any]:
     cfg, store = _open(config, store_url)
     eval_key = Key(**key)
     if artifacts.read_record(store.location, "evaluate", eval_key.value) is not None:
         return {"ran": False}
-    result = evaluate_stage.evaluate(cfg, store, _refs(refs), Key(**train), eval_key, progress=progress)
+    result = evaluate_stage.evaluate(cfg, store, _refs(refs), Key(**train), eval_key, progress=progress,
+                                     label=label)
     artifacts.write_record(store.location, eval_key, {"miou": result["miou"]})
     return {"ran": True}
 
@@ -116,10 +120,11 @@ def _call(task_fn, refresh: bool, summary: dict[str, Any], **kwargs) -> tuple[An
 
 
 def run_segment(cfg: ExperimentConfig, store_url: str | None = None, stages_to_run: tuple[str, ...] = ALL_STAGES,
-                progress: bool = True, parallel: bool = False) -> dict[str, Any]:
+                progress: bool = True, parallel: bool = False, label: str = "") -> dict[str, Any]:
     """The body of the flow for an already-validated config (must run inside a flow).
 
-    parallel: extraction per image batch and ensemble members as concurrent tasks (on a Dask cluster)."""
+    parallel: extraction per image batch and ensemble members as concurrent tasks (on a Dask cluster).
+    label: which run the progress bars belong to (e.g. "ddpm s0"), first on each bar."""
     config = config_to_dict(cfg)
     loc = StoreLocation.parse(store_url or cfg.store, read_only=cfg.store_read_only)
     store = FeatureStore(loc)
@@ -141,7 +146,7 @@ def run_segment(cfg: ExperimentConfig, store_url: str | None = None, stages_to_r
                 todo = extract_stage.extract_plan(cfg, store, batch)
                 calls.append((bool(todo), dict(config=config, store_url=loc.url, refs=[asdict(r) for r in batch],
                                                key=_key_dict(stage_keys.extract_key(cfg, batch)), split=split,
-                                               progress=progress and not parallel)))
+                                               progress=progress and not parallel, label=label)))
             for counts, cached in _call_many(extract_task, calls, summary, parallel):
                 summary["unet_forwards"] += 0 if cached else counts["unet_forwards"]
         summary["stages"]["extract"] = "ran" if summary["unet_forwards"] else "cached"
@@ -151,7 +156,7 @@ def run_segment(cfg: ExperimentConfig, store_url: str | None = None, stages_to_r
     if "train" in stages_to_run:
         calls = [(not artifacts.member_committed(loc, stage_keys.members_key(train_key), i),
                   dict(config=config, store_url=loc.url, refs=train_refs, key=_key_dict(train_key), index=i,
-                       progress=progress and not parallel)) for i in range(cfg.classifier.model_num)]
+                       progress=progress and not parallel, label=label)) for i in range(cfg.classifier.model_num)]
         for info, cached in _call_many(train_member_task, calls, summary, parallel):
             summary["members_trained"] += int(info["ran"] and not cached)
         if artifacts.read_record(loc, "train", train_key.value) is None:
@@ -164,7 +169,7 @@ def run_segment(cfg: ExperimentConfig, store_url: str | None = None, stages_to_r
         summary["evaluate_key"] = eval_key.value
         missing = artifacts.read_record(loc, "evaluate", eval_key.value) is None
         info, cached = _call(evaluate_task, missing, summary, config=config, store_url=loc.url, refs=test_refs,
-                             train=_key_dict(train_key), key=_key_dict(eval_key), progress=progress)
+                             train=_key_dict(train_key), key=_key_dict(eval_key), progress=progress, label=label)
         summary["stages"]["evaluate"] = "ran" if info["ran"] and not cached else "cached"
         result = outputs.evaluation_metrics(loc, eval_key.value)
         summary.update({k: result[k] for k in ("miou", "miou_standard", "pixel_accuracy", "uncertainty")})
@@ -178,12 +183,16 @@ def run_segment(cfg: ExperimentConfig, store_url: str | None = None, stages_to_r
 
 @flow(name="segment")
 def segment(config_path: str, store_url: str | None = None, stages_to_run: list[str] | None = None,
-            progress: bool = True, read_only: bool = False, parallel: bool = False) -> dict[str, Any]:
-    """Run the pipeline for one experiment YAML file (read at run time, so scheduled runs see its edits)."""
+            progress: bool = True, read_only: bool = False, parallel: bool = False,
+            label: str | None = None) -> dict[str, Any]:
+    """Run the pipeline for one experiment YAML file (read at run time, so scheduled runs see its edits).
+
+    label: first on each progress bar (default: the config file's stem)."""
     cfg = load_config(config_path)
     if read_only:
         cfg.store_read_only = True
-    summary = run_segment(cfg, store_url, tuple(stages_to_run or ALL_STAGES), progress, parallel)
+    label = Path(config_path).stem if label is None else label
+    summary = run_segment(cfg, store_url, tuple(stages_to_run or ALL_STAGES), progress, parallel, label)
     summary["flow_run"] = _flow_run_id()  # not in metrics.json (written before): the fast path's is None
     return summary
 

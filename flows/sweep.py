@@ -46,6 +46,7 @@ from pipeline import predict
 from pipeline import threads
 from pipeline import analysis, metrics
 from pipeline.config import ConfigError, ExperimentConfig, config_to_dict, num_output_blocks
+from pipeline.progress import labelled, progress_bar
 from storage import artifacts
 from storage.features import FeatureStore
 from storage.keys import Key
@@ -153,10 +154,11 @@ def prepare_task(config: dict[str, Any], store_url: str, split: str) -> list[dic
 
 @task(name="sweep-extract", cache_policy=NO_CACHE)
 def extract_task(config: dict[str, Any], store_url: str, refs: list[dict[str, str]], split: str,
-                 progress: bool = True) -> dict[str, int]:
+                 progress: bool = True, label: str = "") -> dict[str, int]:
     """Extract what the store lacks for config's blocks and steps; {"unet_forwards", "images_written"}."""
     cfg, store = _open(config, store_url)
-    return extract_stage.extract_split(cfg, store, _refs(refs), progress=progress, desc=f"extract {split}")
+    return extract_stage.extract_split(cfg, store, _refs(refs), progress=progress,
+                                       desc=labelled(label, f"extract {split}"))
 
 
 @task(name="sweep-train-member", cache_policy=NO_CACHE)
@@ -236,7 +238,7 @@ def sweep_flow(config: dict[str, Any], store_url: str, blocks: list[int], steps:
     ext = config_to_dict(extraction_config(cfg, blocks, steps))
     forwards = images_written = 0
     for split, refs in (("train", train_refs), ("test", test_refs)):
-        counts = extract_task(ext, loc.url, refs, split, progress)
+        counts = extract_task(ext, loc.url, refs, split, progress, SWEEP_STAGE)
         forwards += counts["unet_forwards"]
         images_written += counts["images_written"]
     summary.update(unet_forwards=forwards, image_forwards=images_written)
@@ -258,10 +260,13 @@ def sweep_flow(config: dict[str, Any], store_url: str, blocks: list[int], steps:
         member_futures += futures
         eval_futures.append(((b, t), evaluate_cell_task.submit(conf_bt, loc.url, test_refs, _key_dict(train),
                                                                _key_dict(ckey), wait_for=futures)))
-    trained = sum(int(f.result()["ran"]) for f in member_futures)
+    trained = sum(int(f.result()["ran"]) for f in progress_bar(member_futures, desc=labelled(SWEEP_STAGE, "train"),
+                                                                unit="member",
+                                                                enabled=progress and bool(member_futures)))
     results = dict(cached_results)
     evaluated = 0
-    for cell, future in eval_futures:
+    for cell, future in progress_bar(eval_futures, desc=labelled(SWEEP_STAGE, "evaluate"), unit="cell",
+                                     enabled=progress and bool(eval_futures)):
         out = future.result()
         results[cell] = out["result"]
         evaluated += int(out["ran"])
@@ -390,7 +395,7 @@ def clusters_flow(config: dict[str, Any], store_url: str, blocks: list[int], ste
     loc = StoreLocation.parse(store_url)
     refs = prepare_task(config, loc.url, split)[:images]
     ext = config_to_dict(extraction_config(cfg, blocks, steps))
-    counts = extract_task(ext, loc.url, refs, split, progress)
+    counts = extract_task(ext, loc.url, refs, split, progress, "clusters")
     out = str(Path(out_dir) if out_dir else Path(cfg.output_dir) / "clusters")
     futures = [cluster_image_task.submit(ext, loc.url, r, list(blocks), list(steps), k, seed, out) for r in refs]
     files = [f.result() for f in futures]

@@ -11,6 +11,7 @@ import torch
 from pipeline import classifier as clf
 from pipeline import features, memory, pixels
 from pipeline.config import ExperimentConfig
+from pipeline.progress import labelled
 from pipeline.threads import torch_threads
 from storage import artifacts
 from storage.features import FeatureStore, StoreError
@@ -89,10 +90,11 @@ def member_seed(cfg: ExperimentConfig, index: int) -> int:
 
 
 def train_member(cfg: ExperimentConfig, store: FeatureStore, refs: list[ImageRef], key: Key, index: int,
-                 progress: bool = True, prefetch: bool = True) -> dict[str, Any]:
+                 progress: bool = True, prefetch: bool = True, label: str = "") -> dict[str, Any]:
     """Train ensemble member `index` from the store (skipped when committed); returns its info.
 
-    prefetch: read and sample the next slice of pixels in a second thread while the MLP trains (same result)."""
+    prefetch: read and sample the next slice of pixels in a second thread while the MLP trains (same result).
+    label: which run the progress bar belongs to (e.g. "ddpm s0")."""
     loc = store.location
     if artifacts.member_committed(loc, members_key(key), index):
         return {"member": index, "ran": False}
@@ -117,7 +119,7 @@ def train_member(cfg: ExperimentConfig, store: FeatureStore, refs: list[ImageRef
 
     with torch_threads(1):  # identical numerics wherever a member trains; small MLPs are fastest on one thread
         model, info = clf.train_member(settings, epoch_batches, seed=seed, progress=progress,
-                                       desc=f"member {index + 1}/{c.model_num}")
+                                       desc=labelled(label, f"member {index + 1}/{c.model_num}"))
     meta = {"number_class": d.number_class, "dim": dim, "dropout": c.dropout, "seed": seed, "index": index,
             "train_key": key.value, **{k: v for k, v in info.items() if isinstance(v, (int, float, bool, str))}}
     artifacts.write_member(loc, members_key(key), index, model.state_dict(), meta)

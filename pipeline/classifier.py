@@ -188,9 +188,9 @@ def train_member(
 
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from pipeline.progress import progress_bar
 
-        bar = tqdm(desc=desc or "train member", unit="it", leave=False)
+        bar = progress_bar(desc=desc or "train member", unit="it", leave=False)
 
     iterations = 0
     epochs_run = 0
@@ -229,6 +229,8 @@ def train_member(
                 raise ValueError(f"epoch_batches({epoch}) yielded no batch: no labelled pixels to train on?")
             if stopped_early:
                 break
+        if bar is not None:  # the state at the end, for the bar's last line
+            bar.set_postfix(epoch=epochs_run - 1, loss=f"{final_loss:.4f}")
     finally:
         if bar is not None:
             bar.close()

@@ -140,3 +140,48 @@ def test_sweep_members_do_not_depend_on_the_runner(tiny_experiment, prefect_serv
             a, _ = artifacts.read_member(StoreLocation.parse(first["store"]), stage_keys.members_key(train), index)
             b, _ = artifacts.read_member(StoreLocation.parse(second["store"]), stage_keys.members_key(train), index)
             assert a.keys() == b.keys() and all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
+
+
+_WORK_DONE = ("unet_forwards", "image_forwards", "classifiers_trained", "cells_evaluated")
+
+
+def _forget_cells(cfg, summary, members: int, epochs: int) -> None:
+    """Delete the sweep's records and its cells' members, keeping the features: the next sweep trains and
+    evaluates every cell again."""
+    from flows import prepare as prepare_stage
+    from flows import stage_keys
+    from storage.features import FeatureStore
+
+    loc = StoreLocation.parse(summary["store"])
+    record = artifacts.read_record(loc, sweep.SWEEP_STAGE, summary["sweep_key"])
+    refs = prepare_stage.prepare_split(cfg, FeatureStore(loc), "train", write=False)
+    for block, step, cell_key in record["inputs"]["cells"]:
+        loc.delete(artifacts.record_path(sweep.CELL_STAGE, cell_key))
+        train = stage_keys.train_key(sweep.cell_config(cfg, block, step, members, epochs), refs)
+        for index in range(members):
+            loc.delete(artifacts.member_key(stage_keys.members_key(train), index) + ".json")  # the commit first
+            loc.delete(artifacts.member_key(stage_keys.members_key(train), index) + ".pt")
+    loc.delete(artifacts.record_path(sweep.SWEEP_STAGE, summary["sweep_key"]))
+
+
+def test_sweep_twice_on_one_store_gives_identical_json(tiny_experiment, prefect_server, tmp_path):
+    """The sweep's cells are a function of the store and the code: retraining and re-evaluating every cell from the
+    same features gives the same sweep.json (bar the counts of work done), and so does a fresh store.
+    Block 1 is at 16 px (features interpolated to the 32 px image), block 4 at 32 px."""
+    cfg = load_config(tiny_experiment())
+    kwargs = dict(blocks=[1, 4], steps=[50], members=1, epochs=1, workers=1, progress=False)
+    runs = []
+    for attempt in range(2):
+        summary = sweep.run_sweep(cfg, out_dir=tmp_path / "sweep", **kwargs)
+        assert (summary["classifiers_trained"], summary["cells_evaluated"]) == (2, 2)
+        assert summary["unet_forwards"] == (2 if attempt == 0 else 0)  # a train and a test batch, both blocks
+        runs.append(json.loads(Path(summary["json"]).read_text()))
+        _forget_cells(cfg, summary, kwargs["members"], kwargs["epochs"])
+    fresh = load_config(tiny_experiment())  # the same data and config in a new directory: a new store
+    summary = sweep.run_sweep(fresh, out_dir=tmp_path / "sweep", **kwargs)
+    runs.append(json.loads(Path(summary["json"]).read_text()))
+
+    first, *others = [{k: v for k, v in run.items() if k not in _WORK_DONE + ("store",)} for run in runs]
+    assert len(first["cells"]) == 2 and len({c["miou"] for c in first["cells"]}) > 1
+    for other in others:
+        assert other == first
