@@ -6,27 +6,30 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from pipeline import backbone as bb
-from pipeline.config import ExperimentConfig
+from pipeline.config import ConfigError, ExperimentConfig, check_noise_device, noise_mode
 from pipeline.features import rgb_features
 from pipeline.progress import progress_bar
 from pipeline.threads import torch_threads
 from storage.features import FeatureStore, UnitSpec, to_float16
 from storage.keys import digest
+from storage.location import StoreLocation
+from flows.prepare import prepare
 from flows.stage_keys import ImageRef, backbone_fingerprint, feature_spec, unit_for
 
 def _noise_for(cfg: ExperimentConfig, image_ids: list[str], t: int, device: torch.device) -> torch.Tensor | None:
     f = cfg.features
     if f.share_noise:
-        return bb.make_noise(f.seed, cfg.image_size, device, mode=f.noise_generator)
+        return bb.make_noise(f.seed, cfg.image_size, device, mode=noise_mode(cfg))
     # Not shared: still deterministic, from (seed, image, t), so a re-run or a teammate gets the same features.
     seeds = [int(digest([f.seed, i, t])[:8], 16) for i in image_ids]
-    return torch.cat([bb.make_noise(s, cfg.image_size, device) for s in seeds])
+    return torch.cat([bb.make_noise(s, cfg.image_size, device, mode=noise_mode(cfg)) for s in seeds])
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,24 @@ def extract_plan(cfg: ExperimentConfig, store: FeatureStore, refs: list[ImageRef
     return sorted(jobs, key=lambda job: first_seen[(job.view, job.image_ids)])
 
 
+def check_extraction_device(cfg: ExperimentConfig, store_url: str) -> None:
+    """ConfigError (pipeline.config.check_noise_device) when forwards are still to run and the noise generator
+    cannot run on the device this machine resolves; reads only (for the CLI, before Prefect starts). A store that
+    already holds every map trains and evaluates anywhere, so then nothing is raised."""
+    if cfg.model.kind != "ddpm" or cfg.features.noise_generator == "cpu":
+        return
+    try:
+        check_noise_device(cfg, bb.resolve_device(cfg.features.device))
+    except ConfigError:
+        location = StoreLocation.parse(store_url, read_only=True)
+        if not location.is_remote and not Path(location.url).is_dir():
+            raise  # no store yet: every forward is to run
+        store = FeatureStore(location, read_only=True)
+        for split in ("train", "test"):
+            if extract_plan(cfg, store, prepare(cfg, store, split, write=False).extraction(cfg, split)):
+                raise
+
+
 def extract_split(cfg: ExperimentConfig, store: FeatureStore, refs: list[ImageRef], progress: bool = True,
                   desc: str = "extract") -> dict[str, int]:
     """Run the UNet only for the (image, timestep) pairs whose blocks are missing; write them to the store.
@@ -77,6 +98,8 @@ def extract_split(cfg: ExperimentConfig, store: FeatureStore, refs: list[ImageRe
     if not jobs:
         return counts
     device = bb.resolve_device(cfg.features.device)
+    if cfg.model.kind == "ddpm":
+        check_noise_device(cfg, device)  # before any forward: noise_generator cuda needs a CUDA device
     with torch_threads(cfg.features.cpu_threads or os.cpu_count() or 1):
         _extract_jobs(cfg, store, jobs, device, counts, progress, desc)
     return counts

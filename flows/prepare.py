@@ -17,7 +17,7 @@ def prepare_split(cfg: ExperimentConfig, store: FeatureStore, split: str, write:
     d = cfg.dataset
     root, number = (d.train_dir, d.training_number) if split == "train" else (d.test_dir, d.testing_number)
     samples = datasets.load_split(root, number, cfg.image_size, d.number_class, d.ignore_label,
-                                  train=(split == "train"))
+                                  train=(split == "train"), min_annotation_pixels=d.min_annotation_pixels)
     refs = []
     for s in samples:
         image_id, label_hash = image_id_of(s.image), array_digest(s.label)[:20]

@@ -40,6 +40,10 @@ def run_config(config_path: str | Path, store: str | None = None, stages: tuple[
     from flows.preflight import check_run
 
     check_run(cfg, url, read_only or cfg.store_read_only)  # bad input fails here, in one line, before Prefect
+    if "extract" in stages:  # a device the config cannot know: a one-line ConfigError before Prefect starts
+        from flows.extract import check_extraction_device
+
+        check_extraction_device(cfg, url)
     from flows.segment import segment_on
 
     start_embedded_prefect()

@@ -26,6 +26,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+import torch
+
 from pipeline import fetched
 from pipeline.augment import STUDY_TRAIN_TRANSFORMS, STUDY_TTA_VIEWS, TransformSpec
 from pipeline.backbone import OFFICIAL_MODEL_FLAGS
@@ -37,6 +39,10 @@ OFFICIAL_FLAGS: dict[str, Any] = dict(OFFICIAL_MODEL_FLAGS)
 _DEFAULT_CHANNEL_MULT = {512: 7, 256: 6, 128: 5, 64: 4}
 #: preset entries that are not dataset fields (see pipeline.presets.DATASET_PRESETS)
 _PRESET_NON_DATASET_KEYS = ("checkpoint", "reproduce")
+#: features.noise_generator -> the pipeline.backbone.make_noise mode that draws it
+NOISE_GENERATOR_MODES: dict[str, str] = {"cpu": "cpu", "cuda": "cuda-generator"}
+#: sections whose `seed` inherits the top-level `seed` when not set (the official --seed sets both)
+SEEDED_SECTIONS = ("features", "classifier")
 
 
 class ConfigError(ValueError):
@@ -161,8 +167,8 @@ class FeaturesConfig(_Strict):
     blocks: list[int] = Field(default_factory=lambda: list(PAPER_BLOCKS), min_length=1)
     input_activations: bool = False
     share_noise: bool = True
-    seed: int = 0
-    noise_generator: Literal["cpu", "cuda"] = "cpu"
+    seed: int = 0  # the shared noise's seed; default: the top-level `seed`, else 0
+    noise_generator: Literal["cpu", "cuda"] = "cpu"  # cpu: device-independent; cuda: the official CUDA generator
     batch_size: int = Field(4, ge=1)
     device: str = "auto"
     cpu_threads: int | None = Field(None, ge=1)  # torch threads for CPU extraction (default: all cores)
@@ -179,7 +185,7 @@ class ClassifierConfig(_Strict):
     early_stopping: bool = True  # the official rule; off: train exactly max_epochs (the study's 11 epochs)
     early_stop_start_epoch: int = Field(4, ge=0)
     patience: int = Field(50, ge=0)
-    seed: int = 0
+    seed: int = 0  # the members' seeds derive from it; default: the top-level `seed`, else 0
     images_per_buffer: int = Field(4, ge=1)
 
 
@@ -228,6 +234,7 @@ class PostprocessConfig(_Strict):
 
 class ExperimentConfig(_Strict):
     recipe: Literal["paper", "improved"] = "paper"
+    seed: int | None = None  # the official --seed: features.seed and classifier.seed inherit it unless set
     dataset: DatasetConfig
     model: ModelConfig
     features: FeaturesConfig = Field(default_factory=FeaturesConfig)
@@ -251,6 +258,19 @@ class ExperimentConfig(_Strict):
                 given = data.get(section) or {}
                 if isinstance(given, dict):
                     data[section] = {**values, **given}
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _inherit_seed(cls, data: Any) -> Any:
+        """features.seed and classifier.seed default to the top-level seed (the official --seed sets the shared
+        noise and the MLPs' seed); a seed given in a section overrides it."""
+        if isinstance(data, dict) and data.get("seed") is not None:
+            data = {**data}
+            for section in SEEDED_SECTIONS:
+                given = data.get(section, {})
+                if isinstance(given, dict) and "seed" not in given:
+                    data[section] = {**given, "seed": data["seed"]}
         return data
 
     @model_validator(mode="before")
@@ -314,6 +334,22 @@ def improved_defaults(preset: str | None = None) -> dict[str, dict[str, Any]]:
                        "early_stopping": False},
         "tta": {"views": [list(v) for v in STUDY_TTA_VIEWS], "merge": "vote"},
     }
+
+
+def noise_mode(cfg: ExperimentConfig) -> str:
+    """The pipeline.backbone.make_noise mode of `features.noise_generator`."""
+    return NOISE_GENERATOR_MODES[cfg.features.noise_generator]
+
+
+def check_noise_device(cfg: ExperimentConfig, device: torch.device) -> None:
+    """ConfigError when the noise generator cannot run on the `device` the forwards run on (the config cannot
+    know the machine: call this where the device is resolved, before any forward)."""
+    if cfg.features.noise_generator == "cuda" and torch.device(device).type != "cuda":
+        why = "CUDA is not available here" if not torch.cuda.is_available() else \
+            f"features.device is {cfg.features.device!r}"
+        raise ConfigError(f"features.noise_generator: 'cuda' (the official CUDA-generator noise) needs a CUDA "
+                          f"device, but the forwards run on {str(device)!r} ({why}); use noise_generator: cpu "
+                          f"or run on a GPU")
 
 
 def num_output_blocks(flags: dict[str, Any]) -> int:

@@ -1,14 +1,14 @@
 """The official on-disk data set layout and input transforms.
 
-A split directory holds images (``.png``, ``.jpg``, ``.jpeg``, any case; searched recursively, sorted by
-path string) and, beside each image, a ``.npy`` label with the same stem: an (H, W) array of class ids.
+A split directory holds images (``.png``, ``.jpg``, ``.jpeg``, ``.gif``, any case, as the official listing;
+searched recursively, sorted by path string) and, beside each image, a ``.npy`` label with the same stem: an (H, W) array of class ids.
 
 Files and directories whose name starts with ``.`` (``._00001.png`` from macOS, ``.ipynb_checkpoints``) are not
 part of a split. Two images of one directory with the same stem (``00001.png`` and ``00001.jpg``) are refused:
 a label is found, and an output mask written, by stem.
 
 Image transform (as the official code: PIL + torchvision ``Resize(resolution)``, ``ToTensor``, ``2x - 1``):
-PIL ``open``, ``convert("RGB")``, must be square, PIL bilinear resize to (resolution, resolution),
+PIL ``open``, ``convert("RGB")`` (a GIF's first frame), must be square, PIL bilinear resize to (resolution, resolution),
 ``/255``, ``2x - 1`` -> float32 (3, R, R) in [-1, 1].
 8-bit modes (``EIGHT_BIT_MODES``: RGB, L, P, 1, RGBA, LA, CMYK, ...) go through ``convert("RGB")`` exactly as
 the official code does. 16-bit grayscale (PNG: mode ``I;16``, ``I;16B``, ``I``), which ``convert("RGB")`` would
@@ -21,7 +21,8 @@ It is computed with numpy (no OpenCV needed) and equals ``cv2.resize(..., interp
 Nearest neighbour only copies values, so the resized label holds a subset of the original's values.
 
 Training labels only: the small-annotation rule sets every class (other than the ignore label) with
-0 < pixel count < 20 in an image to the ignore label, computed on the resized label.
+0 < pixel count < ``min_annotation_pixels`` (official: 20) in an image to the ignore label, computed on the
+resized label.
 """
 
 from __future__ import annotations
@@ -35,9 +36,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif")  # the official listing (guided-diffusion's)
 LABEL_SUFFIX = ".npy"
-SMALL_ANNOTATION_MIN_PIXELS = 20
+SMALL_ANNOTATION_MIN_PIXELS = 20  # the official rule (dataset.min_annotation_pixels)
 
 
 class DatasetError(ValueError):
@@ -144,8 +145,8 @@ def _to_rgb(opened: Image.Image, path: Path) -> Image.Image:
 
 
 def _open_rgb(path: Path) -> Image.Image:
-    """The image at ``path`` decoded and converted to 8-bit RGB (see ``_to_rgb``); DatasetError names the file
-    and PIL's reason."""
+    """The image at ``path`` decoded and converted to 8-bit RGB (see ``_to_rgb``; a GIF's first frame, as the
+    official ``Image.open(path).convert("RGB")``); DatasetError names the file and PIL's reason."""
     try:
         with Image.open(path) as opened:
             opened.load()
@@ -281,7 +282,8 @@ def _select_pairs(root: str | Path, number: int | None) -> list[tuple[Path, Path
 
 
 def _load_sample(
-    image_path: Path, label_path: Path, resolution: int, number_class: int, ignore_label: int, train: bool
+    image_path: Path, label_path: Path, resolution: int, number_class: int, ignore_label: int, train: bool,
+    min_annotation_pixels: int,
 ) -> Sample:
     rgb = _open_rgb(image_path)
     image = _rgb_to_tensor(rgb, image_path, resolution)
@@ -291,7 +293,7 @@ def _load_sample(
     validate_label_values(raw_label, number_class, ignore_label, label_path)
     label = resize_label_nearest(raw_label, resolution)
     if train:
-        label = apply_small_annotation_rule(label, ignore_label)
+        label = apply_small_annotation_rule(label, ignore_label, min_annotation_pixels)
     return Sample(image_path=image_path, label_path=label_path, image=image, label=label)
 
 
@@ -304,27 +306,34 @@ def _check_split_arguments(number_class: int, ignore_label: int, resolution: int
 
 
 def iter_split(
-    root: str | Path, number: int | None, resolution: int, number_class: int, ignore_label: int, train: bool
+    root: str | Path, number: int | None, resolution: int, number_class: int, ignore_label: int, train: bool,
+    min_annotation_pixels: int = SMALL_ANNOTATION_MIN_PIXELS,
 ) -> Iterator[Sample]:
     """Like ``load_split`` but decodes one Sample at a time (listing and count checks happen first)."""
     _check_split_arguments(number_class, ignore_label, resolution)
+    if isinstance(min_annotation_pixels, bool) or not isinstance(min_annotation_pixels, (int, np.integer)) \
+            or min_annotation_pixels < 0:
+        raise DatasetError(f"min_annotation_pixels must be an integer >= 0, got {min_annotation_pixels!r}")
     pairs = _select_pairs(root, number)
 
     def generate() -> Iterator[Sample]:
         for image_path, label_path in pairs:
-            yield _load_sample(image_path, label_path, resolution, number_class, ignore_label, train)
+            yield _load_sample(image_path, label_path, resolution, number_class, ignore_label, train,
+                               int(min_annotation_pixels))
 
     return generate()
 
 
 def load_split(
-    root: str | Path, number: int | None, resolution: int, number_class: int, ignore_label: int, train: bool
+    root: str | Path, number: int | None, resolution: int, number_class: int, ignore_label: int, train: bool,
+    min_annotation_pixels: int = SMALL_ANNOTATION_MIN_PIXELS,
 ) -> list[Sample]:
     """The first ``number`` (all when None or <= 0) samples of the split directory ``root``.
 
     Each Sample: image (3, R, R) float32 in [-1, 1], label (R, R) uint8; with ``train=True`` the
-    small-annotation rule is applied to the label. Raises DatasetError for an empty split, fewer images
+    small-annotation rule (classes with fewer than ``min_annotation_pixels`` pixels -> ignore label) is applied to
+    the label. Raises DatasetError for an empty split, fewer images
     than ``number``, a missing / unreadable / mis-shaped label, label values >= ``number_class`` other than
     ``ignore_label``, and unreadable or non-square images.
     """
-    return list(iter_split(root, number, resolution, number_class, ignore_label, train))
+    return list(iter_split(root, number, resolution, number_class, ignore_label, train, min_annotation_pixels))

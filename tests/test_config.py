@@ -405,3 +405,53 @@ def test_every_classifier_section_the_config_accepts_builds_training_settings():
     assert settings.early_stop_start_epoch > settings.max_epochs  # early stopping off: the rule never starts
     paper = train_settings(parse_config(minimal()), dim=8448)
     assert (paper.lr, paper.batch_size, paper.early_stop_start_epoch, paper.patience) == (1e-3, 64, 4, 50)
+
+
+# -- seeds: the official --seed sets the shared noise and the MLPs; ours inherit a top-level seed --------------------
+def test_top_level_seed_is_inherited_by_features_and_classifier_unless_set():
+    assert (lambda c: (c.seed, c.features.seed, c.classifier.seed))(parse_config(minimal())) == (None, 0, 0)
+    cfg = parse_config(minimal(seed=7))
+    assert (cfg.seed, cfg.features.seed, cfg.classifier.seed) == (7, 7, 7)
+    cfg = parse_config(minimal(seed=7, features={"seed": 1}))  # a section's own seed overrides
+    assert (cfg.features.seed, cfg.classifier.seed) == (1, 7)
+    cfg = parse_config(minimal(seed=7, classifier={"seed": 0, "lr": 0.01}))
+    assert (cfg.features.seed, cfg.classifier.seed, cfg.classifier.lr) == (7, 0, 0.01)
+    cfg = parse_config(minimal(seed=3, recipe="improved"))  # the recipe's defaults and the seed both apply
+    assert (cfg.classifier.seed, cfg.classifier.optimizer, cfg.features.seed) == (3, "adamw", 3)
+    assert "seed" in config_error(minimal(seed="x")) and "got 'x'" in config_error(minimal(seed="x"))
+
+
+def test_a_config_without_top_level_seed_validates_to_the_same_sections():
+    """The sections (which the stage keys hash) are what they were before the top-level seed existed."""
+    plain = config_to_dict(parse_config(minimal(features={"seed": 4}, classifier={"seed": 5})))
+    inherited = config_to_dict(parse_config(minimal(seed=4, classifier={"seed": 5})))
+    assert plain["features"] == inherited["features"] and plain["classifier"] == inherited["classifier"]
+    assert config_to_dict(parse_config(minimal()))["classifier"] == \
+        config_to_dict(parse_config(minimal(classifier={"seed": 0})))["classifier"]
+
+
+# -- the noise generator -------------------------------------------------------------------------------------------
+def test_noise_generator_maps_to_a_make_noise_mode():
+    from pipeline.backbone import NOISE_MODES
+    from pipeline.config import NOISE_GENERATOR_MODES, noise_mode
+
+    assert NOISE_GENERATOR_MODES == {"cpu": "cpu", "cuda": "cuda-generator"}
+    assert set(NOISE_GENERATOR_MODES.values()) <= set(NOISE_MODES)
+    assert noise_mode(parse_config(minimal())) == "cpu"
+    assert noise_mode(parse_config(minimal(features={"noise_generator": "cuda"}))) == "cuda-generator"
+    assert "features.noise_generator" in config_error(minimal(features={"noise_generator": "cuda-generator"}))
+
+
+def test_cuda_noise_on_a_cpu_device_is_a_one_line_error_naming_the_key():
+    import torch
+
+    from pipeline.config import check_noise_device
+
+    cfg = parse_config(minimal(features={"noise_generator": "cuda"}))
+    with pytest.raises(ConfigError) as info:
+        check_noise_device(cfg, torch.device("cpu"))
+    message = str(info.value)
+    assert message.startswith("features.noise_generator: 'cuda'") and "\n" not in message
+    assert "'cpu'" in message and "noise_generator: cpu" in message
+    check_noise_device(parse_config(minimal()), torch.device("cpu"))  # cpu noise: any device
+    check_noise_device(cfg, torch.device("cuda"))  # the generator runs where the forwards run

@@ -57,7 +57,7 @@ def test_list_pairs_is_recursive_sorted_by_path_string_and_filters_extensions(tm
         stem = relative.rsplit(".", 1)[0]
         write_pair(tmp_path, stem, suffix="." + relative.rsplit(".", 1)[1])
     (tmp_path / "notes.txt").write_text("not an image")
-    (tmp_path / "e.gif").write_bytes(b"GIF89a")
+    (tmp_path / "e.bmp").write_bytes(b"BM")  # not in the official listing's extensions
     pairs = list_pairs(tmp_path)
     images = [str(image.relative_to(tmp_path)) for image, _ in pairs]
     # Sorted by the path *string* (as the official code): "a-c/..." < "a.jpg" < "a/..." since '-' < '.' < '/'.
@@ -107,6 +107,26 @@ def test_rgba_greyscale_and_palette_images_are_converted_to_rgb(tmp_path, mode):
         assert torch.equal(tensor[0], tensor[1]) and torch.equal(tensor[1], tensor[2])
     else:
         assert not torch.equal(tensor[0], tensor[1])
+
+
+def test_gif_images_are_listed_and_read_as_their_first_frame_in_rgb(tmp_path):
+    """The official listing takes .gif; Image.open(path).convert("RGB") reads the first frame."""
+    rng = np.random.default_rng(3)
+    frames = [Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).convert("P") for _ in range(2)]
+    gif = tmp_path / "b.GIF"
+    frames[0].save(gif, save_all=True, append_images=frames[1:], duration=100, loop=0)
+    assert Image.open(gif).n_frames == 2
+    np.save(tmp_path / "b.npy", np.zeros((16, 16), dtype=np.uint8))
+    write_pair(tmp_path, "a", size=16)
+    assert [image.name for image, _ in list_pairs(tmp_path)] == ["a.png", "b.GIF"]
+    sample = load_split(tmp_path, 2, 16, number_class=3, ignore_label=255, train=True)[1]
+    first_frame = np.asarray(Image.open(gif).convert("RGB"))
+    expected = (2 * (first_frame.astype(np.float32) / 255) - 1).transpose(2, 0, 1)
+    np.testing.assert_array_equal(sample.image.numpy(), expected)
+    second = Image.open(gif)
+    second.seek(1)
+    assert not np.array_equal(np.asarray(second.convert("RGB")), first_frame)  # the frames differ: frame 0 read
+    np.testing.assert_allclose(load_image(gif, 32).numpy(), hand_transform(Image.open(gif), 32), atol=1e-6)
 
 
 def test_nearest_label_resize_keeps_only_existing_values(tmp_path):
@@ -178,6 +198,20 @@ def test_small_annotation_rule_applied_only_to_training_labels(tmp_path):
     assert np.array_equal(train.label, apply_small_annotation_rule(small_annotation_label(), 255))
     assert np.array_equal(test.label, small_annotation_label())
     assert train.label.dtype == np.uint8 and train.image.shape == (3, 32, 32)
+
+
+def test_small_annotation_threshold_is_the_given_min_annotation_pixels(tmp_path):
+    write_pair(tmp_path, "x", size=32, label=small_annotation_label())  # class 1: 5 pixels, class 2: 25 pixels
+    labels = {n: load_split(tmp_path, 1, 32, 3, 255, train=True, min_annotation_pixels=n)[0].label
+              for n in (0, 5, 6, 20, 26)}
+    assert np.array_equal(labels[0], small_annotation_label())  # 0: the rule drops nothing
+    assert (labels[5] == 1).sum() == 5 and (labels[6] == 1).sum() == 0  # a class is kept from n pixels on
+    assert np.array_equal(labels[20], apply_small_annotation_rule(small_annotation_label(), 255))
+    assert (labels[26] == 2).sum() == 0 and (labels[26] == 255).sum() == 5 + 25 + 3
+    assert np.array_equal(load_split(tmp_path, 1, 32, 3, 255, train=False, min_annotation_pixels=26)[0].label,
+                          small_annotation_label())  # test labels never
+    with pytest.raises(DatasetError, match="min_annotation_pixels must be an integer >= 0, got -1"):
+        load_split(tmp_path, 1, 32, 3, 255, train=True, min_annotation_pixels=-1)
 
 
 def test_small_annotation_rule_uses_the_resized_label(tmp_path):

@@ -1,0 +1,139 @@
+"""The shuffle measurement: the default 4-image shuffle buffer against the official global shuffle.
+
+    python benchmarks/shuffle.py --out /tmp/shuffle --seeds 10 [--sets demo,demo64] [--members 10]
+
+For each data set and each classifier seed, the same cached features train the paper's MLP ensemble twice:
+`classifier.images_per_buffer: 4` (the buffered shuffle) and `images_per_buffer` = the training set (one pool of
+all labelled pixels, shuffled per epoch: the official global shuffle). Official mIoU on the test split.
+
+Data sets (pipeline/synthetic.py, the demo backbone, blocks 1-4, steps 50/150/250, flows/demo.py's settings):
+- `demo`: the demo's data and config (32 px, 10 train, 50 test);
+- `demo64`: the same generator at 64 px (10 train, 20 test), the demo backbone run at 64 px (same weights,
+  attention kept at the same downsampling factor).
+
+Stages are called directly (flows/prepare.py, extract.py, train.py; no Prefect): extraction runs once per data set, then only the
+classifier changes. Each (set, setting, seed) result is appended to `<out>/results.jsonl` as soon as it is
+measured and skipped on a re-run, so the run can be stopped and resumed; the summary (mean ± population std)
+is printed and written to `<out>/summary.json`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+SETTINGS = {"buffer4": 4, "global": None}  # None: the whole training set
+
+
+def set_config(name: str, seed: int, buffer: int | None, members: int) -> tuple[dict[str, Any], dict[str, int]]:
+    """(config mapping relative to the set's directory, data parameters) of data set `name`."""
+    from flows.demo import demo_config
+
+    if name == "demo":
+        data = {"size": 32, "n_train": 10, "n_test": 50}
+    elif name == "demo64":
+        data = {"size": 64, "n_train": 10, "n_test": 20}
+    else:
+        raise ValueError(f"unknown data set {name!r}; expected demo or demo64")
+    cfg = demo_config("ddpm", seed, data["n_train"], data["n_test"], members)
+    if data["size"] != 32:  # attention_resolutions is in pixels: keep attention at downsampling factor 2
+        flags = cfg["model"]["flags"]
+        factor = flags["image_size"] // int(flags["attention_resolutions"])
+        cfg["model"]["flags"] = {**flags, "image_size": data["size"],
+                                 "attention_resolutions": str(data["size"] // factor)}
+    cfg["classifier"]["images_per_buffer"] = buffer or data["n_train"]
+    cfg["output_dir"] = f"runs/s{seed}-b{cfg['classifier']['images_per_buffer']}"
+    return cfg, data
+
+
+def measure(out: Path, name: str, setting: str, seed: int, members: int) -> dict[str, Any]:
+    from flows.extract import extract_split
+    from flows.prepare import prepare
+    from flows.stage_keys import train_key
+    from flows.train import load_members, train_member
+    from pipeline import synthetic
+    from pipeline.config import parse_config
+    from storage.features import FeatureStore
+    from storage.location import StoreLocation
+
+    raw, data = set_config(name, seed, SETTINGS[setting], members)
+    directory = out / name
+    synthetic.write_dataset(directory / "data", n_train=data["n_train"], n_test=data["n_test"], n_unlabelled=0,
+                            size=data["size"], seed=0)
+    cfg = parse_config(raw, base_dir=directory, source=f"{name}/{setting}/s{seed}")
+    store = FeatureStore(StoreLocation.parse(cfg.store))
+    started = time.perf_counter()
+    train = prepare(cfg, store, "train")
+    test = prepare(cfg, store, "test")
+    forwards = 0
+    for split, refs in (("train", train), ("test", test)):
+        forwards += extract_split(cfg, store, refs.extraction(cfg, split), progress=False)["unet_forwards"]
+    train_refs = train.extraction(cfg, "train")
+    key = train_key(cfg, train_refs)
+    infos = [train_member(cfg, store, train_refs, key, i, progress=False) for i in range(members)]
+    from flows.evaluate import evaluate
+    from flows.stage_keys import evaluate_key
+
+    result = evaluate(cfg, store, test.base, key, evaluate_key(cfg, key, test.base), progress=False)
+    return {"set": name, "setting": setting, "images_per_buffer": cfg.classifier.images_per_buffer, "seed": seed,
+            "miou": result["miou"], "miou_standard": result["miou_standard"], "members": members,
+            "members_trained": sum(int(i["ran"]) for i in infos), "unet_forwards": forwards,
+            "epochs": [i.get("epochs") for i in infos], "wall_s": time.perf_counter() - started}
+
+
+def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """{set: {setting: {mean, std, n, per_seed}}}; std is the population std over seeds."""
+    out: dict[str, Any] = {}
+    for row in rows:
+        out.setdefault(row["set"], {}).setdefault(row["setting"], {})[row["seed"]] = row["miou"]
+    summary: dict[str, Any] = {}
+    for name, settings in out.items():
+        summary[name] = {}
+        for setting, per_seed in settings.items():
+            values = [per_seed[s] for s in sorted(per_seed)]
+            summary[name][setting] = {"mean": statistics.fmean(values),
+                                      "std": statistics.pstdev(values) if len(values) > 1 else 0.0,
+                                      "n": len(values), "per_seed": {str(s): per_seed[s] for s in sorted(per_seed)}}
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="shuffle-measurement")
+    parser.add_argument("--sets", default="demo,demo64")
+    parser.add_argument("--seeds", type=int, default=10, help="classifier seeds 0..N-1")
+    parser.add_argument("--members", type=int, default=10)
+    args = parser.parse_args(argv)
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    results = out / "results.jsonl"
+    rows = [json.loads(line) for line in results.read_text().splitlines()] if results.is_file() else []
+    done = {(r["set"], r["setting"], r["seed"], r["members"]) for r in rows}
+    for name in args.sets.split(","):
+        for seed in range(args.seeds):
+            for setting in SETTINGS:  # alternate settings: a stopped run leaves balanced results
+                if (name, setting, seed, args.members) in done:
+                    continue
+                row = measure(out, name, setting, seed, args.members)
+                rows.append(row)
+                with results.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+                print(f"{name} {setting:<8} seed {seed:2d}: mIoU {row['miou']:.2f} ({row['wall_s']:.0f} s)",
+                      flush=True)
+    rows = [json.loads(line) for line in results.read_text().splitlines()]  # with other processes' rows
+    summary = summarise([r for r in rows if r["members"] == args.members])
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    for name, settings in summary.items():
+        for setting, s in settings.items():
+            print(f"{name:<7} {setting:<8} mIoU {s['mean']:.2f} ± {s['std']:.2f} over {s['n']} seeds")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
