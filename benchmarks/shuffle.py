@@ -77,14 +77,37 @@ def measure(out: Path, name: str, setting: str, seed: int, members: int) -> dict
     train_refs = train.extraction(cfg, "train")
     key = train_key(cfg, train_refs)
     infos = [train_member(cfg, store, train_refs, key, i, progress=False) for i in range(members)]
-    from flows.evaluate import evaluate
-    from flows.stage_keys import evaluate_key
-
-    result = evaluate(cfg, store, test.base, key, evaluate_key(cfg, key, test.base), progress=False)
+    scores = score_members(cfg, store, test.base, load_members(store.location, key, members))
     return {"set": name, "setting": setting, "images_per_buffer": cfg.classifier.images_per_buffer, "seed": seed,
-            "miou": result["miou"], "miou_standard": result["miou_standard"], "members": members,
+            "miou": 100 * scores.official_miou, "miou_standard": 100 * scores.standard_miou, "members": members,
             "members_trained": sum(int(i["ran"]) for i in infos), "unet_forwards": forwards,
             "epochs": [i.get("epochs") for i in infos], "wall_s": time.perf_counter() - started}
+
+
+_TEST_SET: dict[str, tuple[list, list]] = {}  # store url -> (each test image's (H*W, D) features, ground truths)
+
+
+def score_members(cfg, store, refs, members):
+    """The scores flows.evaluate.evaluate computes (no test-time views, no closing): each member's logits per pixel,
+    mode vote, official and standard mIoU. The test features are built once per data set and kept for every
+    seed (pipeline.predict.predict_maps builds them again for each evaluation)."""
+    import torch
+
+    from flows.train import map_reader
+    from pipeline import features, metrics, predict
+
+    if store.location.url not in _TEST_SET:
+        maps_of = map_reader(cfg, store, cache_size=1)
+        size = cfg.image_size
+        ys, xs = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+        feats = [features.sample_pixel_features(maps_of(r.entry), ys.reshape(-1), xs.reshape(-1), size)
+                 for r in refs]
+        gts = [store.read_view_label(r.view, r.image_id, r.label_hash) for r in refs]
+        _TEST_SET[store.location.url] = (feats, gts)
+    feats, gts = _TEST_SET[store.location.url]
+    masks = [predict.mode_vote(predict.member_logits(members, f).argmax(-1)).reshape(gt.shape).numpy()
+             .astype("uint8") for f, gt in zip(feats, gts)]
+    return metrics.score(masks, gts, cfg.dataset.number_class, cfg.dataset.ignore_label)
 
 
 def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -104,6 +127,9 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    torch.set_num_threads(1)  # a shared machine: one thread per process (members train on one thread anyway)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="shuffle-measurement")
     parser.add_argument("--sets", default="demo,demo64")
@@ -129,10 +155,20 @@ def main(argv: list[str] | None = None) -> int:
     rows = [json.loads(line) for line in results.read_text().splitlines()]  # with other processes' rows
     summary = summarise([r for r in rows if r["members"] == args.members])
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    for name, settings in summary.items():
-        for setting, s in settings.items():
-            print(f"{name:<7} {setting:<8} mIoU {s['mean']:.2f} ± {s['std']:.2f} over {s['n']} seeds")
+    print(markdown_table(summary))
     return 0
+
+
+def markdown_table(summary: dict[str, Any]) -> str:
+    """The README table: one row per data set, mean ± population std (n seeds) per setting and the difference."""
+    lines = ["| data set | `images_per_buffer: 4` | global shuffle | global − 4 | seeds |", "|---|---|---|---|---|"]
+    for name, settings in summary.items():
+        cells = [f"{settings[k]['mean']:.2f} ± {settings[k]['std']:.2f}" if k in settings else "—" for k in SETTINGS]
+        diff = (f"{settings['global']['mean'] - settings['buffer4']['mean']:+.2f}"
+                if len(settings) == len(SETTINGS) else "—")
+        seeds = "/".join(str(settings[k]["n"]) for k in SETTINGS if k in settings)
+        lines.append(f"| {name} | {cells[0]} | {cells[1]} | {diff} | {seeds} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

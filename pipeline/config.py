@@ -510,12 +510,13 @@ def import_official(json_path: str | Path, model_flags: str | None = None) -> di
         model["flags"] = flags
     return {
         "recipe": "paper",
+        "seed": int(opts.get("seed", 0)),  # the official seed sets the noise and the MLPs
         "dataset": dataset,
         "model": model,
         "features": {
             "steps": list(opts["steps"]), "blocks": list(opts["blocks"]),
             "input_activations": bool(opts.get("input_activations", False)),
-            "share_noise": bool(opts.get("share_noise", True)), "seed": int(opts.get("seed", 0)),
+            "share_noise": bool(opts.get("share_noise", True)),
         },
         "classifier": {"model_num": int(opts.get("model_num", 10)), "batch_size": int(opts.get("batch_size", 64))},
     }

@@ -330,6 +330,14 @@ def test_import_official_validates_and_carries_the_same_values(tmp_path):
     assert cfg.model.flags == OFFICIAL_256_FLAGS  # the imported flags are written out explicitly
 
 
+def test_import_official_seed_seeds_the_noise_and_the_classifier(tmp_path):
+    data = import_official(official_ffhq_json(tmp_path, seed=3))
+    assert data["seed"] == 3 and "seed" not in data["features"]
+    cfg = parse_config(data, base_dir=tmp_path)
+    assert (cfg.features.seed, cfg.classifier.seed) == (3, 3)
+    assert parse_config(import_official(official_ffhq_json(tmp_path)), base_dir=tmp_path).classifier.seed == 0
+
+
 def test_import_official_without_flags_takes_the_image_size_from_dim(tmp_path):
     data = import_official(official_ffhq_json(tmp_path, dim=[128, 128, 8448], category="my_faces",
                                               number_class=5, steps=[10, 20], blocks=[3, 4]))
