@@ -28,7 +28,7 @@ KEYS_BEFORE = {
 }
 
 
-def stage_keys(config_path) -> dict[str, str]:
+def keys_of(config_path) -> dict[str, str]:
     """The stage keys of a config, read-only (nothing is written; the store need not exist)."""
     cfg = load_config(config_path)
     store = FeatureStore(str(config_path.parent / "no-store"))
@@ -52,24 +52,24 @@ def edit(path, **top):
 
 
 def test_stage_keys_of_an_existing_config_are_unchanged(tmp_path):
-    assert stage_keys(write_tiny_experiment(tmp_path / "a", n_train=3, n_test=2)) == KEYS_BEFORE
+    assert keys_of(write_tiny_experiment(tmp_path / "a", n_train=3, n_test=2)) == KEYS_BEFORE
     # the official defaults written out, or seed 0 given once at the top: the same keys
     explicit = write_tiny_experiment(tmp_path / "b", n_train=3, n_test=2, features={"seed": 0},
                                      dataset={"min_annotation_pixels": 20})
-    assert stage_keys(edit(explicit, seed=0)) == KEYS_BEFORE
+    assert keys_of(edit(explicit, seed=0)) == KEYS_BEFORE
 
 
 def test_top_level_seed_gives_the_keys_of_both_section_seeds(tmp_path):
-    top = stage_keys(edit(write_tiny_experiment(tmp_path / "a", n_train=3, n_test=2), seed=5))
-    sections = stage_keys(write_tiny_experiment(tmp_path / "b", n_train=3, n_test=2, features={"seed": 5},
+    top = keys_of(edit(write_tiny_experiment(tmp_path / "a", n_train=3, n_test=2), seed=5))
+    sections = keys_of(write_tiny_experiment(tmp_path / "b", n_train=3, n_test=2, features={"seed": 5},
                                                 classifier={"seed": 5}))
     assert top == sections
     assert top["extract"] != KEYS_BEFORE["extract"] and top["train"] != KEYS_BEFORE["train"]
     # an override keeps its own value: classifier seed 0 under a top-level 5 -> only the noise seed differs
-    override = stage_keys(edit(write_tiny_experiment(tmp_path / "c", n_train=3, n_test=2,
+    override = keys_of(edit(write_tiny_experiment(tmp_path / "c", n_train=3, n_test=2,
                                                      classifier={"seed": 0}), seed=5))
     assert override["extract"] == top["extract"] and override["train"] != top["train"]
-    noise_only = stage_keys(write_tiny_experiment(tmp_path / "d", n_train=3, n_test=2, features={"seed": 5}))
+    noise_only = keys_of(write_tiny_experiment(tmp_path / "d", n_train=3, n_test=2, features={"seed": 5}))
     assert override == noise_only
 
 
