@@ -135,19 +135,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sets", default="demo,demo64")
     parser.add_argument("--seeds", type=int, default=10, help="classifier seeds 0..N-1")
     parser.add_argument("--members", type=int, default=10)
+    parser.add_argument("--reverse", action="store_true", help="seeds from the last (a second process's share)")
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     results = out / "results.jsonl"
-    rows = [json.loads(line) for line in results.read_text().splitlines()] if results.is_file() else []
-    done = {(r["set"], r["setting"], r["seed"], r["members"]) for r in rows}
+
+    def done() -> set[tuple[str, str, int, int]]:  # read before each measurement: processes can share the work
+        rows = [json.loads(line) for line in results.read_text().splitlines()] if results.is_file() else []
+        return {(r["set"], r["setting"], r["seed"], r["members"]) for r in rows}
+
+    seeds = list(range(args.seeds))[::-1 if args.reverse else 1]
     for name in args.sets.split(","):
-        for seed in range(args.seeds):
+        for seed in seeds:
             for setting in SETTINGS:  # alternate settings: a stopped run leaves balanced results
-                if (name, setting, seed, args.members) in done:
+                if (name, setting, seed, args.members) in done():
                     continue
                 row = measure(out, name, setting, seed, args.members)
-                rows.append(row)
                 with results.open("a") as f:
                     f.write(json.dumps(row) + "\n")
                 print(f"{name} {setting:<8} seed {seed:2d}: mIoU {row['miou']:.2f} ({row['wall_s']:.0f} s)",
