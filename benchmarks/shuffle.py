@@ -136,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=10, help="classifier seeds 0..N-1")
     parser.add_argument("--members", type=int, default=10)
     parser.add_argument("--reverse", action="store_true", help="seeds from the last (a second process's share)")
+    parser.add_argument("--start", type=int, default=None, help="begin at this seed (a third process's share)")
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -146,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         return {(r["set"], r["setting"], r["seed"], r["members"]) for r in rows}
 
     seeds = list(range(args.seeds))[::-1 if args.reverse else 1]
+    seeds = seeds[seeds.index(args.start):] if args.start is not None else seeds
     for name in args.sets.split(","):
         for seed in seeds:
             for setting in SETTINGS:  # alternate settings: a stopped run leaves balanced results
