@@ -30,6 +30,17 @@ VERBOSE_HELP = ("on an error, show the full traceback and Prefect's logs of the 
                 "default: one line 'ddpmseg: error: ...', exit code 2")
 
 
+def _prefect_did_not_start(err: BaseException) -> str | None:
+    """The one-line message for Prefect's RuntimeError "Timed out while attempting to connect to ephemeral Prefect
+    API server"; None for any other error."""
+    from flows.runner import PREFECT_STARTUP_TIMEOUT_VAR
+
+    if not isinstance(err, RuntimeError) or not str(err).startswith("Timed out while attempting to connect to ephemeral Prefect API server"):
+        return None
+    return (f"Prefect's local server did not start within {os.environ.get(PREFECT_STARTUP_TIMEOUT_VAR, '20')} s "
+            f"(load {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores); raise {PREFECT_STARTUP_TIMEOUT_VAR}")
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
     from pipeline.backbone import BackboneError
     from pipeline.config import ConfigError
@@ -368,13 +379,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except Exception as err:  # noqa: BLE001 - a user error is reported in one line, anything else re-raised
         cause = user_error_in(err)
-        if cause is None:
+        message = one_line(cause) if cause is not None else _prefect_did_not_start(err)
+        if message is None:
             raise
         if debug_enabled():
             import traceback
 
             traceback.print_exc()
-        print(f"ddpmseg: error: {one_line(cause)}", file=sys.stderr)
+        print(f"ddpmseg: error: {message}", file=sys.stderr)
         return EXIT_USER_ERROR
     finally:
         if debug_before is None:

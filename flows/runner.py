@@ -7,11 +7,20 @@ from pathlib import Path
 from typing import Any
 
 
+#: How long to wait for Prefect's ephemeral server to answer (Prefect's own default: 20 s). Its start costs about
+#: 10 CPU seconds on a fresh PREFECT_HOME (5.5 s on an existing one), so at load 10 on 2 cores it needs about 50 s;
+#: measured on the shared 2-core machine: 43 s at load 22, and over 130 s with 10 extra busy loops (load 24).
+PREFECT_STARTUP_TIMEOUT_S = 180
+PREFECT_STARTUP_TIMEOUT_VAR = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+
+
 def prefect_defaults() -> None:
-    """Embedded default: Prefect's ephemeral local server, no telemetry, quiet unless asked."""
+    """Embedded default: Prefect's ephemeral local server, no telemetry, quiet unless asked, a start-up wait that
+    survives a loaded machine. A variable the user set wins."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault(PREFECT_STARTUP_TIMEOUT_VAR, str(PREFECT_STARTUP_TIMEOUT_S))
 
 
 def run_config(config_path: str | Path, store: str | None = None, stages: tuple[str, ...] = ("extract", "train",
