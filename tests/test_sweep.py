@@ -156,12 +156,12 @@ def _forget_cells(cfg, summary, members: int, epochs: int) -> None:
     record = artifacts.read_record(loc, sweep.SWEEP_STAGE, summary["sweep_key"])
     refs = prepare_stage.prepare_split(cfg, FeatureStore(loc), "train", write=False)
     for block, step, cell_key in record["inputs"]["cells"]:
-        loc.delete(artifacts.record_path(sweep.CELL_STAGE, cell_key))
+        artifacts.delete_record(loc, sweep.CELL_STAGE, cell_key)
         train = stage_keys.train_key(sweep.cell_config(cfg, block, step, members, epochs), refs)
         for index in range(members):
-            loc.delete(artifacts.member_key(stage_keys.members_key(train), index) + ".json")  # the commit first
-            loc.delete(artifacts.member_key(stage_keys.members_key(train), index) + ".pt")
-    loc.delete(artifacts.record_path(sweep.SWEEP_STAGE, summary["sweep_key"]))
+            artifacts.delete_member(loc, stage_keys.members_key(train), index)
+            assert not artifacts.member_committed(loc, stage_keys.members_key(train), index)
+    artifacts.delete_record(loc, sweep.SWEEP_STAGE, summary["sweep_key"])
 
 
 def test_sweep_twice_on_one_store_gives_identical_json(tiny_experiment, prefect_server, tmp_path):
