@@ -10,6 +10,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from pipeline import augment, metrics
+from pipeline.backbone import resolve_device
 from pipeline.config import ExperimentConfig
 from pipeline.predict import merge_views, predict_maps, undo_view
 from storage import artifacts
@@ -24,8 +25,9 @@ def evaluate(cfg: ExperimentConfig, store: FeatureStore, refs: list[ImageRef], t
 
     refs: the base test refs; test-time views are derived from cfg.tta (their features must be extracted)."""
     loc = store.location
-    members = load_members(loc, train, cfg.classifier.model_num)
-    maps_of = map_reader(cfg, store, cache_size=1)
+    device = resolve_device(cfg.classifier.device)  # members and maps there: each image predicted on it
+    members = [member.to(device) for member in load_members(loc, train, cfg.classifier.model_num)]
+    maps_of = map_reader(cfg, store, cache_size=1, device=device)
     d = cfg.dataset
     views = ([(BASE_VIEW, [])] if cfg.tta.include_original else []) + [(t, s) for t, _, s in tta_views(cfg)]
     masks, gts, uncertainties = [], [], []
