@@ -38,6 +38,7 @@ def run_accuracy(out: Path, seeds: list[int], members: int = 10) -> dict[str, An
         for mode in MODES:
             cfg = demo_config("ddpm", seed, members=members)
             cfg["classifier"].update(ensemble=mode, device="cpu")
+            cfg["evaluation"] = {"gallery": 0, "save_png": False}  # the scores only: no report, no PNGs
             cfg["output_dir"] = f"runs/ddpm-{mode}/s{seed}"
             path = out / f"config-ddpm-{mode}-s{seed}.yaml"
             path.write_text(yaml.safe_dump(cfg, sort_keys=False))

@@ -43,7 +43,9 @@ BATCHNORM_EPS = 1e-5
 @dataclass
 class StackedMembers:
     """The state of M members of one architecture, stacked: ``state[name]`` is ``(M, *shape)`` for every entry of
-    the template's state_dict. Parameters are leaf tensors that require grad; BatchNorm buffers do not."""
+    the template's state_dict, except Linear weights, held transposed as ``(M, in, out)`` (contiguous: the batched
+    products and their gradients need no strided copies, and Adam updates contiguous tensors). Parameters are leaf
+    tensors that require grad; BatchNorm buffers do not."""
 
     template: nn.Sequential  # the architecture (its own values unused)
     state: dict[str, Tensor]
@@ -57,14 +59,22 @@ class StackedMembers:
         return [self.state[name] for name, _ in self.template.named_parameters()]
 
 
+def _transposed_names(template: nn.Sequential) -> set[str]:
+    return {f"{index}.weight" for index, layer in enumerate(template) if isinstance(layer, nn.Linear)}
+
+
 def stack_members(models: Sequence[nn.Sequential], device: str | torch.device = "cpu") -> StackedMembers:
     """Stack the state of `models` (same architecture, from build_classifier) on `device`."""
     if not models:
         raise ValueError("stack_members: no members given")
     names = {name for name, _ in models[0].named_parameters()}
+    transposed = _transposed_names(models[0])
     state = {}
     for name in models[0].state_dict():
-        stacked = torch.stack([m.state_dict()[name].detach() for m in models]).to(device)
+        values = [m.state_dict()[name].detach() for m in models]
+        if name in transposed:
+            values = [value.T for value in values]
+        stacked = torch.stack(values).contiguous().to(device)
         state[name] = stacked.requires_grad_() if name in names else stacked
     dropout = next((layer.p for layer in models[0] if isinstance(layer, nn.Dropout)), 0.0)
     return StackedMembers(models[0], state, float(dropout))
@@ -75,7 +85,9 @@ def unstack_member(stacked: StackedMembers, member: int, number_class: int, dim:
     global RNG."""
     with torch.random.fork_rng(devices=[]):
         model = clf.build_classifier(number_class, dim, stacked.dropout)
-    model.load_state_dict({name: value[member].detach().cpu() for name, value in stacked.state.items()})
+    transposed = _transposed_names(stacked.template)
+    model.load_state_dict({name: (value[member].T if name in transposed else value[member]).detach().cpu()
+                           for name, value in stacked.state.items()})
     return model.eval()
 
 
@@ -99,7 +111,7 @@ def stacked_forward(stacked: StackedMembers, x: Tensor, dropout_masks: Sequence[
     for index, layer in enumerate(stacked.template):
         if isinstance(layer, nn.Linear):
             weight, bias = state[f"{index}.weight"], state[f"{index}.bias"]
-            x = torch.baddbmm(bias[:, None, :], x, weight.transpose(1, 2))
+            x = torch.baddbmm(bias[:, None, :], x, weight)  # weight: (M, in, out)
         elif isinstance(layer, nn.ReLU):
             x = torch.relu(x)
         elif isinstance(layer, nn.Dropout):
