@@ -201,7 +201,8 @@ def sample_tables(tables: MapTables, slots: torch.Tensor, ys: torch.Tensor, xs: 
         raise ValueError(f"slots must lie in [0, {tables.slots})")
     if out is None:
         result = torch.empty((ys.numel(), tables.dim), dtype=torch.float32, device=device)
-    elif out.device != device or out.dtype != torch.float32 or out.ndim != 2 or out.shape[0] < ys.numel() or out.shape[1] != tables.dim:
+    elif (out.device != device or out.dtype != torch.float32 or out.ndim != 2 or out.shape[0] < ys.numel()
+          or out.shape[1] != tables.dim):
         raise ValueError(f"out must be float32 of shape (>= {ys.numel()}, {tables.dim}) on {device}, got "
                          f"{out.dtype} {tuple(out.shape)} on {out.device}")
     else:
