@@ -75,7 +75,8 @@ def run_accuracy(out: Path, seeds: list[int], members: int = 10) -> dict[str, An
             entry["miou_std"] = statistics.pstdev(entry["miou_per_seed"])
             print(f"{mode} seed {seed}: mIoU {entry['miou_per_seed'][-1]:.2f} (train {trained - start:.0f} s, "
                   f"evaluate {time.perf_counter() - trained:.0f} s)", file=sys.stderr, flush=True)
-            (out / "ensemble-accuracy.partial.json").write_text(json.dumps(results, indent=1))
+            partial = out / f"ensemble-accuracy.partial-{'-'.join(map(str, seeds))}.json"
+            partial.write_text(json.dumps(results, indent=1))
     a, b = (results["modes"][m] for m in MODES)
     results["mean_difference"] = b["miou"] - a["miou"]
     results["agree_within_larger_std"] = abs(b["miou"] - a["miou"]) <= max(a["miou_std"], b["miou_std"])
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(seeds) < 1:
         parser.error("--seeds: give at least one seed")
     results = run_accuracy(args.out, seeds, args.members)
-    (Path(args.out) / "ensemble-accuracy.json").write_text(json.dumps(results, indent=1))
+    (Path(args.out) / f"ensemble-accuracy-{'-'.join(map(str, seeds))}.json").write_text(json.dumps(results, indent=1))
     print(json.dumps(results))
     return 0
 
