@@ -11,6 +11,8 @@ GOALS: dict[str, tuple[str, Any]] = {
     "extraction_overhead_ratio": ("<= 1.10", lambda v: v <= 1.10),
     "streaming_throughput_ratio": (">= 0.80", lambda v: v >= 0.80),
     "noop_rerun_s": ("<= 10 s", lambda v: v <= 10),
+    "ensemble_speedup_batched_vs_independent": (">= 1.5", lambda v: v >= 1.5),
+    "ensemble_speedup_vs_official": (">= 1.5", lambda v: v >= 1.5),
 }
 
 
@@ -99,6 +101,16 @@ def markdown(results: dict[str, Any]) -> str:
                  f"{_fmt(np_.get('prefect_empty_flow_process_s'))} s: a process running one empty Prefect flow | "
                  f"{_fmt(results.get('noop_rerun_s'))} s | {g['noop_rerun_s']['goal']} | "
                  f"{_mark(g['noop_rerun_s']['pass'])} |")
+    en = d.get("ensemble", {})
+    rates = en.get("member_px_per_s", {})
+    for key, other, label in (("ensemble_speedup_batched_vs_independent", "independent", "members one after another"),
+                              ("ensemble_speedup_vs_official", "official", "official loop, in memory")):
+        lines.append(f"| ensemble training, {en.get('members', '?')} members | {_fmt(rates.get('batched'))} member-px/s "
+                     f"batched | {_fmt(rates.get(other))} member-px/s {label} | {_fmt(results.get(key))}x | "
+                     f"{g[key]['goal']} | {_mark(g[key]['pass'])} |")
+    lines.append(f"| MLP FLOP/s utilisation (batched step / plain matmul) | {_fmt(en.get('batched_step_flop_per_s'))} "
+                 f"FLOP/s | {_fmt(en.get('matmul_flop_per_s'))} FLOP/s | {_fmt(results.get('mlp_flops_utilisation'))} "
+                 f"| (info) | |")
     lines += ["", *_memory_section(mem, results), *_store_section(d), *_extraction_section(ex, d.get("extraction_real_unet")),
               *_extraction_section(sx, None, "3b. Extraction overhead, stress geometry"),
               *_throughput_section(tp), *_noop_section(np_), *_notes(results)]

@@ -11,7 +11,9 @@ training) in the same run, on the same data:
 2. store size per image and timestep vs the upsampled float32 features of the official path;
 3. extraction (flows.extract_stage.extract_split) vs bare UNet forwards on the same inputs, on a CPU-sized UNet;
 4. labelled pixels per second through one member's training, streaming from the store vs in memory;
-5. wall time of a second `ddpmseg run` of an unchanged small config, and how much of it is Prefect.
+5. wall time of a second `ddpmseg run` of an unchanged small config, and how much of it is Prefect;
+6. member-pixels per second of 10 members trained batched vs one after another vs the official loop, and the
+   batched step's FLOP/s against a plain matmul (benchmarks/ensemble.py).
 
 Full: N = 2, 5, 10, 20, 40 for ours; official N = 1, 2 (+ 2, 3, 4 at one timestep for its slope); extraction
 8 images x 3 steps, 3 repetitions, and 1 image x 1 step with the real 552.8 M-parameter UNet; throughput on 4 images of 16384 labelled pixels; the no-op run also against a
@@ -38,7 +40,7 @@ from benchmarks import report  # noqa: E402
 from benchmarks.common import log, machine_info  # noqa: E402
 from benchmarks.geometry import MID_EXTRACTION, OFFICIAL_AT_64, REAL, TOY, TOY_EXTRACTION, Geometry  # noqa: E402
 
-BENCHMARKS = ("memory", "store", "extraction", "throughput", "noop")
+BENCHMARKS = ("memory", "store", "extraction", "throughput", "noop", "ensemble")
 DEFAULT_OUT = Path(__file__).resolve().parent / "results.md"
 
 
@@ -62,6 +64,8 @@ class Plan:
     # also extraction on a UNet that writes far more per second of forward than the real one (a stress figure)
     stress_extraction_geometry: Geometry | None = None
     official_cap_mb: float = 11000
+    ensemble_iterations: int = 48  # per member, figure 6 (within one 4096-pixel slice)
+    ensemble_repeats: int = 2
 
 
 DENSE = 256 * 256  # a fully labelled 256x256 training image (the paper's data sets)
@@ -70,7 +74,7 @@ FULL = Plan("full", REAL, (2, 5, 10, 20, 40), (1, 2), (2, 3, 4), 1200, 2, DENSE,
 QUICK = Plan("quick", REAL, (5, 20), (1, 2), (2, 3), 1200, 2, DENSE, OFFICIAL_AT_64.with_steps((50, 150)), 4, 4,
              running_server=True, stress_extraction_geometry=MID_EXTRACTION.with_steps((50, 150)))
 TOY_PLAN = Plan("toy", TOY, (5, 20), (1, 2), (2, 3), 400, 2, 600, TOY_EXTRACTION, 2, 1,
-                stress_extraction_geometry=TOY_EXTRACTION)
+                stress_extraction_geometry=TOY_EXTRACTION, ensemble_iterations=4, ensemble_repeats=1)
 
 
 def _figures(extraction: dict[str, Any]) -> dict[str, Any]:
@@ -98,10 +102,13 @@ def run_benchmarks(plan: Plan, workdir: Path, only: tuple[str, ...] = BENCHMARKS
         "store_ratio_vs_upsampled_fp32": None, "store_ratio_vs_upsampled_fp32_realistic": None,
         "extraction_overhead_ratio": None, "extraction_overhead_ratio_stress": None,
         "extraction_overhead_ratio_real_unet": None,
-        "streaming_throughput_ratio": None, "noop_rerun_s": None, "errors": {},
+        "streaming_throughput_ratio": None, "noop_rerun_s": None,
+        "ensemble_speedup_batched_vs_independent": None, "ensemble_speedup_vs_official": None,
+        "mlp_flops_utilisation": None, "errors": {},
     }
     details = results["details"]
-    n_memory = max(plan.ours_ns + plan.official_ns + plan.official_one_step_ns)
+    # the images of figures 1-2 first, then the fully labelled ones of figures 4 and 6
+    n_memory = max(plan.ours_ns + plan.official_ns + plan.official_one_step_ns) if {"memory", "store"} & set(only) else 0
     syn = None
 
     def synthetic_store() -> None:
@@ -164,6 +171,16 @@ def run_benchmarks(plan: Plan, workdir: Path, only: tuple[str, ...] = BENCHMARKS
         details["throughput"] = tp
         results["streaming_throughput_ratio"] = tp["streaming_throughput_ratio"]
 
+    def ensemble_figure() -> None:
+        from benchmarks.ensemble import run_ensemble
+
+        en = run_ensemble(syn, n_memory, 1, members=10, iterations=plan.ensemble_iterations,
+                          repeats=plan.ensemble_repeats)
+        details["ensemble"] = en
+        for key in ("ensemble_speedup_batched_vs_independent", "ensemble_speedup_vs_official",
+                    "mlp_flops_utilisation"):
+            results[key] = en[key]
+
     def noop_figure() -> None:
         from benchmarks.noop import run_noop
 
@@ -171,14 +188,15 @@ def run_benchmarks(plan: Plan, workdir: Path, only: tuple[str, ...] = BENCHMARKS
         details["noop"] = nop
         results["noop_rerun_s"] = nop["noop_rerun_s"]
 
-    steps = [("synthetic store", synthetic_store, bool({"memory", "store", "throughput"} & set(only))),
+    steps = [("synthetic store", synthetic_store, bool({"memory", "store", "throughput", "ensemble"} & set(only))),
              ("memory", memory_figure, "memory" in only), ("store", store_figure, "store" in only),
              ("extraction", extraction_figure, "extraction" in only),
-             ("throughput", throughput_figure, "throughput" in only), ("noop", noop_figure, "noop" in only)]
+             ("throughput", throughput_figure, "throughput" in only),
+             ("ensemble", ensemble_figure, "ensemble" in only), ("noop", noop_figure, "noop" in only)]
     for name, run, wanted in steps:
         if not wanted:
             continue
-        if syn is None and name in ("memory", "store", "throughput"):
+        if syn is None and name in ("memory", "store", "throughput", "ensemble"):
             results["errors"][name] = "not run: the synthetic store could not be written"
             continue
         try:

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import augment, metrics
+from pipeline.backbone import resolve_device
 from pipeline.config import ExperimentConfig
 from pipeline.predict import merge_views, predict_maps, undo_view
 from pipeline.progress import labelled, progress_bar
@@ -24,8 +25,9 @@ def evaluate(cfg: ExperimentConfig, store: FeatureStore, refs: list[ImageRef], t
     refs: the base test refs; test-time views are derived from cfg.tta (their features must be extracted).
     label: which run the progress bar belongs to (e.g. "ddpm s0")."""
     loc = store.location
-    members = load_members(loc, train, cfg.classifier.model_num)
-    maps_of = map_reader(cfg, store, cache_size=1)
+    device = resolve_device(cfg.classifier.device)  # members and maps there: each image predicted on it
+    members = [member.to(device) for member in load_members(loc, train, cfg.classifier.model_num)]
+    maps_of = map_reader(cfg, store, cache_size=1, device=device)
     d = cfg.dataset
     views = ([(BASE_VIEW, [])] if cfg.tta.include_original else []) + [(t, s) for t, _, s in tta_views(cfg)]
     masks, gts, uncertainties = [], [], []

@@ -134,9 +134,10 @@ def _extract_jobs(cfg: ExperimentConfig, store: FeatureStore, jobs: list[Forward
                 else:
                     noise = _noise_for(cfg, ids, job.t, device)
                     acts = bb.extract_blocks(model, diffusion, x0, job.t, noise, list(job.blocks),
-                                             cfg.features.input_activations)
+                                             cfg.features.input_activations, to_host=device.type == "cpu")
                     counts["unet_forwards"] += 1
-                # float16 here, on the forward's threads: the writer only checks, encodes and stores
+                # float16 here, on the forward's threads (on a GPU: checked and cast there, half the copy to the
+                # host); the writer only encodes and stores
                 acts = {b: to_float16(a, f"{unit.path} images {', '.join(ids)} block {b}") for b, a in acts.items()}
                 if pending is not None:
                     pending.result()  # the previous batch is committed (or its error raised) before queueing more

@@ -44,10 +44,14 @@ def _refs(refs: list[dict[str, str]]) -> list[stage_keys.ImageRef]:
 
 
 def _stage_cache_key(context: Any, parameters: dict[str, Any]) -> str:
-    """Prefect's cache key = the stage key (+ member index), per store: the Prefect cache is an accelerator
-    of one store, never a claim about another."""
+    """Prefect's cache key = the stage key (+ member index, or the indices of a batched pass), per store: the
+    Prefect cache is an accelerator of one store, never a claim about another."""
     key = Key(**parameters["key"])
-    value = f"{stage_keys.members_key(key)}-m{parameters['index']:02d}" if "index" in parameters else key.value
+    value = key.value
+    if "index" in parameters:
+        value = f"{stage_keys.members_key(key)}-m{parameters['index']:02d}"
+    elif "indices" in parameters:
+        value = f"{stage_keys.members_key(key)}-m{'-'.join(f'{i:02d}' for i in parameters['indices'])}"
     return f"ddpmseg-{key.stage}-{value}-{digest(parameters['store_url'])[:12]}"
 
 
@@ -75,6 +79,14 @@ def train_member_task(config: dict[str, Any], store_url: str, refs: list[dict[st
                       index: int, progress: bool = True, label: str = "") -> dict[str, Any]:
     cfg, store = _open(config, store_url)
     return train_stage.train_member(cfg, store, _refs(refs), Key(**key), index, progress=progress, label=label)
+
+
+@task(name="train-members", **_cached)
+def train_members_task(config: dict[str, Any], store_url: str, refs: list[dict[str, str]], key: dict[str, Any],
+                       indices: list[int], progress: bool = True, label: str = "") -> list[dict[str, Any]]:
+    """The members `indices` not yet committed, trained in one batched pass (classifier.ensemble: batched)."""
+    cfg, store = _open(config, store_url)
+    return train_stage.train_members(cfg, store, _refs(refs), Key(**key), indices, progress=progress, label=label)
 
 
 @task(name="evaluate", **_cached)
@@ -154,11 +166,20 @@ def run_segment(cfg: ExperimentConfig, store_url: str | None = None, stages_to_r
     train_key = keys["train"] = stage_keys.train_key(cfg, _refs(train_refs))
     summary["train_key"] = train_key.value
     if "train" in stages_to_run:
-        calls = [(not artifacts.member_committed(loc, stage_keys.members_key(train_key), i),
-                  dict(config=config, store_url=loc.url, refs=train_refs, key=_key_dict(train_key), index=i,
-                       progress=progress and not parallel, label=label)) for i in range(cfg.classifier.model_num)]
-        for info, cached in _call_many(train_member_task, calls, summary, parallel):
-            summary["members_trained"] += int(info["ran"] and not cached)
+        missing = [i for i in range(cfg.classifier.model_num)
+                   if not artifacts.member_committed(loc, stage_keys.members_key(train_key), i)]
+        if cfg.classifier.ensemble == "batched":  # one task: a pass over the missing members on every core
+            infos, cached = _call(train_members_task, bool(missing), summary, config=config, store_url=loc.url,
+                                  refs=train_refs, key=_key_dict(train_key),
+                                  indices=missing or list(range(cfg.classifier.model_num)), progress=progress,
+                                  label=label)
+            summary["members_trained"] += 0 if cached else sum(int(info["ran"]) for info in infos)
+        else:
+            calls = [(i in missing, dict(config=config, store_url=loc.url, refs=train_refs, key=_key_dict(train_key),
+                                         index=i, progress=progress and not parallel, label=label))
+                     for i in range(cfg.classifier.model_num)]
+            for info, cached in _call_many(train_member_task, calls, summary, parallel):
+                summary["members_trained"] += int(info["ran"] and not cached)
         if artifacts.read_record(loc, "train", train_key.value) is None:
             artifacts.write_record(loc, train_key, {"members": cfg.classifier.model_num,
                                                    "members_key": stage_keys.members_key(train_key)})

@@ -92,7 +92,11 @@ def image_id_of(image: torch.Tensor) -> str:
 def train_key(cfg: ExperimentConfig, refs: list[ImageRef]) -> Key:
     """refs: the base training images and their augmented views."""
     c = cfg.classifier
-    hyper = {k: v for k, v in c.model_dump().items() if k != "model_num"}
+    # device: where, not what (the same members to floating-point rounding). A batched ensemble draws its pixel
+    # orders otherwise than independent members, so it is keyed; independent keeps the keys it always had.
+    hyper = {k: v for k, v in c.model_dump().items() if k not in ("model_num", "device", "ensemble")}
+    if c.ensemble != "independent":
+        hyper["ensemble"] = c.ensemble
     base = [[r.image_id, r.label_hash] for r in refs if r.view == BASE_VIEW]
     views = sorted({r.view for r in refs if r.view != BASE_VIEW})
     augmented = [[r.view, r.image_id, r.label_hash] for r in refs if r.view != BASE_VIEW]

@@ -316,6 +316,7 @@ def extract_blocks(
     noise: torch.Tensor | None,
     blocks: list[int],
     input_activations: bool = False,
+    to_host: bool = True,
 ) -> dict[int, torch.Tensor]:
     """Activations of decoder blocks for images ``x0`` noised to timestep ``t``: ONE UNet forward.
 
@@ -323,7 +324,8 @@ def extract_blocks(
     ``(B, 3, H, W)``; None draws fresh noise. ``x_t = diffusion.q_sample(x0, t, noise)`` in float32, then
     ``model(x_t, diffusion._scale_timesteps(t))`` — the UNet casts ``x_t`` to its own dtype (float16 when
     converted). Returns ``{block: (B, C, h, w) float32 CPU tensor}``: the block outputs, or their inputs
-    when ``input_activations``. The forward stops right after the last needed block (the later blocks
+    when ``input_activations``; with ``to_host=False`` they stay on the model's device (a GPU caller casts them
+    to float16 there before the copy). The forward stops right after the last needed block (the later blocks
     cannot change earlier activations, so the result is identical to a full forward).
     """
     wanted = _check_blocks(model, blocks)
@@ -373,7 +375,7 @@ def extract_blocks(
     finally:
         for handle in handles:
             handle.remove()
-    return {index: collected[index].cpu() for index in wanted}
+    return {index: collected[index].cpu() if to_host else collected[index] for index in wanted}
 
 
 @torch.no_grad()

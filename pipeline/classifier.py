@@ -110,6 +110,8 @@ class EarlyStopping:
 # (pipeline/config.py, ClassifierConfig) declares them, so a value the config accepts always trains.
 MIN_BATCH_SIZE = 2  # BatchNorm1d in train mode needs >= 2 samples a batch
 MIN_EPOCHS = 1
+# independent: one member at a time (this module's train_member); batched: all at once (pipeline/ensemble.py)
+ENSEMBLE_MODES = ("batched", "independent")
 
 
 @dataclass
@@ -126,8 +128,12 @@ class TrainSettings:
     dropout: float = 0.0
     early_stop_start_epoch: int = 4
     patience: int = 50
+    device: str = "cpu"  # where the member trains (a torch device name); not a hyper-parameter of the result
+    ensemble: str = "independent"  # one of ENSEMBLE_MODES: how the ensemble's members are trained
 
     def __post_init__(self) -> None:
+        if self.ensemble not in ENSEMBLE_MODES:
+            raise ValueError(f"TrainSettings.ensemble must be one of {ENSEMBLE_MODES}, got {self.ensemble!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"TrainSettings.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.max_epochs < MIN_EPOCHS:
@@ -143,12 +149,16 @@ def train_settings(cfg: "ExperimentConfig", dim: int) -> TrainSettings:
     """A member's settings from an experiment config (its classifier section), for features of `dim` channels.
 
     The one place the config's classifier section becomes TrainSettings (the train stage, benchmarks).
-    early_stopping off: the stop rule never starts (exactly max_epochs, the later study's fixed 11)."""
+    early_stopping off: the stop rule never starts (exactly max_epochs, the later study's fixed 11).
+    classifier.device is resolved here (auto: CUDA when available; a CUDA device that is not there is an error)."""
+    from pipeline.backbone import resolve_device
+
     c = cfg.classifier
     start = c.early_stop_start_epoch if c.early_stopping else c.max_epochs + 1
     return TrainSettings(number_class=cfg.dataset.number_class, dim=dim, lr=c.lr, batch_size=c.batch_size,
                          max_epochs=c.max_epochs, optimizer=c.optimizer, weight_decay=c.weight_decay,
-                         dropout=c.dropout, early_stop_start_epoch=start, patience=c.patience)
+                         dropout=c.dropout, early_stop_start_epoch=start, patience=c.patience,
+                         device=str(resolve_device(c.device)), ensemble=c.ensemble)
 
 
 def build_optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.Optimizer:

@@ -186,6 +186,19 @@ class ClassifierConfig(_Strict):
     patience: int = Field(50, ge=0)
     seed: int = 0  # the members' seeds derive from it; default: the top-level `seed`, else 0
     images_per_buffer: int = Field(4, ge=1)
+    #: where members train and predict: auto (CUDA when available) | cpu | cuda | cuda:N; in no stage key (the
+    #: result does not depend on it beyond floating-point rounding)
+    device: str = "auto"
+    #: batched: every member still to train in one pass over shared slices (pipeline/ensemble.py);
+    #: independent: one task per member, each with its own pixel stream (Dask-parallel)
+    ensemble: Literal["batched", "independent"] = "independent"  # pipeline.classifier.ENSEMBLE_MODES
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, device: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+            raise ValueError(f"classifier.device: expected auto, cpu, cuda or cuda:N, got {device!r}")
+        return device
 
 
 class EvaluationConfig(_Strict):

@@ -160,18 +160,20 @@ class MapTables:
         return feature_dim([c for c, _, _ in self.shapes])
 
 
-def map_tables(shapes: list[tuple[int, int, int]], slots: int) -> MapTables:
-    """Empty tables for ``slots`` images whose maps have these ``(C, h, w)`` shapes (official order)."""
+def map_tables(shapes: list[tuple[int, int, int]], slots: int, device: str | torch.device = "cpu") -> MapTables:
+    """Empty tables for ``slots`` images whose maps have these ``(C, h, w)`` shapes (official order), on
+    ``device`` (where ``sample_tables`` then samples)."""
     if slots < 1 or not shapes:
         raise ValueError(f"map_tables needs slots >= 1 and at least one map shape, got slots={slots}, "
                          f"shapes={shapes}")
     return MapTables([tuple(int(v) for v in s) for s in shapes],
-                     [torch.empty((slots * h * w, c), dtype=torch.float32) for c, h, w in shapes])
+                     [torch.empty((slots * h * w, c), dtype=torch.float32, device=device) for c, h, w in shapes])
 
 
 def load_maps(tables: MapTables, slot: int, maps: list[torch.Tensor]) -> None:
     """Copy one image's maps (``(C, h, w)`` each, any float dtype, the tables' shapes) into ``slot``: exact
-    upcast to float32, channels last."""
+    upcast to float32, channels last. Maps on another device than the tables are copied there as they are
+    (float16 from the store: half the transfer of float32) and upcast there."""
     _check_maps(maps)
     if not 0 <= slot < tables.slots:
         raise ValueError(f"slot {slot} out of range: the tables hold {tables.slots} images")
@@ -180,7 +182,7 @@ def load_maps(tables: MapTables, slot: int, maps: list[torch.Tensor]) -> None:
                          f"{tables.shapes}")
     for table, fmap, (channels, height, width) in zip(tables.tables, maps, tables.shapes):
         rows = table[slot * height * width:(slot + 1) * height * width]
-        rows.view(height, width, channels).copy_(fmap.permute(1, 2, 0))
+        rows.view(height, width, channels).copy_(fmap.to(table.device, non_blocking=True).permute(1, 2, 0))
 
 
 def sample_tables(tables: MapTables, slots: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor,
@@ -188,17 +190,21 @@ def sample_tables(tables: MapTables, slots: torch.Tensor, ys: torch.Tensor, xs: 
     """``(N, D)`` float32 features of pixel ``(ys[i], xs[i])`` of the ``size x size`` image in slot
     ``slots[i]``: for each pixel exactly ``sample_pixel_features`` of that image's maps (bit for bit).
     slots, ys, xs: (N,) int64. out: a float32 ``(>= N, D)`` buffer to fill and return the first N rows of
-    (a reused buffer spares the page faults of a fresh 138 MB allocation per 4096 pixels at D = 8448)."""
+    (a reused buffer spares the page faults of a fresh 138 MB allocation per 4096 pixels at D = 8448).
+    Runs on the tables' device (slots, ys, xs are moved there); out must be on it too."""
     _check_pixels(ys, xs, size)
+    device = tables.tables[0].device
+    slots, ys, xs = slots.to(device), ys.to(device), xs.to(device)
     if slots.shape != ys.shape:
         raise ValueError(f"slots must have the shape of ys and xs {tuple(ys.shape)}, got {tuple(slots.shape)}")
     if slots.numel() and (int(slots.min()) < 0 or int(slots.max()) >= tables.slots):
         raise ValueError(f"slots must lie in [0, {tables.slots})")
     if out is None:
-        result = torch.empty((ys.numel(), tables.dim), dtype=torch.float32)
-    elif out.dtype != torch.float32 or out.ndim != 2 or out.shape[0] < ys.numel() or out.shape[1] != tables.dim:
-        raise ValueError(f"out must be float32 of shape (>= {ys.numel()}, {tables.dim}), got {out.dtype} "
-                         f"{tuple(out.shape)}")
+        result = torch.empty((ys.numel(), tables.dim), dtype=torch.float32, device=device)
+    elif (out.device != device or out.dtype != torch.float32 or out.ndim != 2 or out.shape[0] < ys.numel()
+          or out.shape[1] != tables.dim):
+        raise ValueError(f"out must be float32 of shape (>= {ys.numel()}, {tables.dim}) on {device}, got "
+                         f"{out.dtype} {tuple(out.shape)} on {out.device}")
     else:
         result = out[:ys.numel()]
     offset = 0

@@ -106,45 +106,36 @@ def per_image(pixel_features: Callable[[str, Tensor, Tensor], Tensor]) -> Callab
     return slice_features
 
 
-def epoch_batches(
+def epoch_slices(
     image_ids: list[str],
     load_label: Callable[[str], np.ndarray],
     slice_features: Callable[[PixelSlice], Tensor],
     ignore_label: int,
-    batch_size: int,
     epoch: int,
     seed: int,
     images_per_buffer: int = 4,
     slice_pixels: int = SLICE_PIXELS,
-    drop_last: bool = True,
     prefetch: bool = True,
+    device: str | torch.device = "cpu",
 ) -> Iterator[tuple[Tensor, Tensor]]:
-    """Yield the shuffled labelled pixels of one epoch as batches (features (B, D) float32, labels (B,) int64).
+    """Yield the slices of one epoch in order: (features (n, D) float32 on `device`, labels (n,) int64).
 
-    load_label(image_id) -> (H, W) integer array (training labels, small classes already set to ignore_label).
     slice_features(pixels) -> (n, D) features of the n pixels of a PixelSlice, in its order; called once per
     slice, the slices of a buffer one after the other, so it should hold the buffer's images (`per_image` adapts
     a per-image function). With prefetch it runs in one worker thread (always the same one), one slice ahead of
-    the batches yielded. It may return the same memory every other call (a ring of two buffers): the batches
-    yielded are copies, and a slice's features are no longer read once slice_features is called for the slice
-    after the next one.
-
-    Deterministic for (seed, epoch); every labelled pixel appears exactly once per epoch, except the final
-    partial batch (< batch_size pixels) which is dropped when drop_last (the official setting).
+    the slice yielded. It may return the same memory every other call (a ring of two buffers): a slice's
+    features are no longer read once slice_features is called for the slice after the next one, so a consumer
+    copies what it keeps beyond the next slice. Deterministic for (seed, epoch).
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if images_per_buffer < 1:
         raise ValueError(f"images_per_buffer must be >= 1, got {images_per_buffer}")
     if slice_pixels < 1:
         raise ValueError(f"slice_pixels must be >= 1, got {slice_pixels}")
     if seed < 0 or epoch < 0:
         raise ValueError(f"seed and epoch must be >= 0, got seed={seed}, epoch={epoch}")
-
+    device = torch.device(device)
     slices = plan_slices(image_ids, load_label, ignore_label, np.random.default_rng([seed, epoch]),
                          images_per_buffer, slice_pixels)
-    carry_features: Tensor | None = None
-    carry_labels: Tensor | None = None
     with ThreadPoolExecutor(1, "slice-features") if prefetch else contextlib.nullcontext() as pool:
 
         def features_of(pixels: PixelSlice) -> Tensor:
@@ -152,7 +143,7 @@ def epoch_batches(
             if features.ndim != 2 or features.shape[0] != len(pixels.labels):
                 raise ValueError(f"slice_features returned shape {tuple(features.shape)} for a slice of "
                                  f"{len(pixels.labels)} pixels, expected ({len(pixels.labels)}, D)")
-            return features.detach().to("cpu", torch.float32)
+            return features.detach().to(device, torch.float32)
 
         def start(pixels: PixelSlice | None):
             """(labels, something whose .result() is the slice's features), built in the pool when prefetching."""
@@ -168,27 +159,57 @@ def epoch_batches(
         while pending is not None:
             labels, job = pending
             pending = start(next(slices, None))  # the next slice builds while this one's batches train
-            features = job.result()
-            if carry_features is not None and carry_features.shape[1] != features.shape[1]:
-                raise ValueError(f"slice_features returned {features.shape[1]} features per pixel after "
-                                 f"{carry_features.shape[1]} for earlier pixels of the epoch")
-            first = 0
-            if carry_labels is not None:  # complete the batch begun by the previous slices
-                first = min(batch_size - len(carry_labels), len(labels))
-                carry_features = torch.cat([carry_features, features[:first]])
-                carry_labels = torch.cat([carry_labels, labels[:first]])
-                if len(carry_labels) < batch_size:
-                    continue
-                yield carry_features, carry_labels
-                carry_features, carry_labels = None, None
-            n_full = (len(labels) - first) // batch_size
-            for b in range(n_full):
-                rows = slice(first + b * batch_size, first + (b + 1) * batch_size)
-                yield features[rows].clone(), labels[rows]  # the caller's own copy: `features` may be reused
-            rest = first + n_full * batch_size
-            if rest < len(labels):
-                carry_features, carry_labels = features[rest:].clone(), labels[rest:].clone()
+            yield job.result(), labels
+
+
+def epoch_batches(
+    image_ids: list[str],
+    load_label: Callable[[str], np.ndarray],
+    slice_features: Callable[[PixelSlice], Tensor],
+    ignore_label: int,
+    batch_size: int,
+    epoch: int,
+    seed: int,
+    images_per_buffer: int = 4,
+    slice_pixels: int = SLICE_PIXELS,
+    drop_last: bool = True,
+    prefetch: bool = True,
+    device: str | torch.device = "cpu",
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Yield the shuffled labelled pixels of one epoch as batches (features (B, D) float32 on `device`, labels
+    (B,) int64), cut from the slices of `epoch_slices` (same arguments). The batches yielded are copies (the
+    slice's memory may be reused).
+
+    load_label(image_id) -> (H, W) integer array (training labels, small classes already set to ignore_label).
+    Deterministic for (seed, epoch); every labelled pixel appears exactly once per epoch, except the final
+    partial batch (< batch_size pixels) which is dropped when drop_last (the official setting).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    carry_features: Tensor | None = None
+    carry_labels: Tensor | None = None
+    for features, labels in epoch_slices(image_ids, load_label, slice_features, ignore_label, epoch, seed,
+                                         images_per_buffer, slice_pixels, prefetch, device):
+        if carry_features is not None and carry_features.shape[1] != features.shape[1]:
+            raise ValueError(f"slice_features returned {features.shape[1]} features per pixel after "
+                             f"{carry_features.shape[1]} for earlier pixels of the epoch")
+        labels = labels.to(features.device)
+        first = 0
+        if carry_labels is not None:  # complete the batch begun by the previous slices
+            first = min(batch_size - len(carry_labels), len(labels))
+            carry_features = torch.cat([carry_features, features[:first]])
+            carry_labels = torch.cat([carry_labels, labels[:first]])
+            if len(carry_labels) < batch_size:
+                continue
+            yield carry_features, carry_labels
+            carry_features, carry_labels = None, None
+        n_full = (len(labels) - first) // batch_size
+        for b in range(n_full):
+            rows = slice(first + b * batch_size, first + (b + 1) * batch_size)
+            yield features[rows].clone(), labels[rows]  # the caller's own copy: `features` may be reused
+        rest = first + n_full * batch_size
+        if rest < len(labels):
+            carry_features, carry_labels = features[rest:].clone(), labels[rest:].clone()
 
     if not drop_last and carry_labels is not None:
         yield carry_features, carry_labels
-

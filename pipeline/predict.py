@@ -131,8 +131,10 @@ class Prediction:
 def predict_maps(members: list[nn.Module], maps: list[torch.Tensor], size: int,
                  pixels_per_chunk: int = 16384) -> Prediction:
     """Predict one image from its native maps (official order, see pipeline.features), building pixel features
-    chunk by chunk (bounded memory)."""
-    ys, xs = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    chunk by chunk (bounded memory). Features are sampled on the maps' device and the members run on theirs (on
+    a GPU: both there); each chunk's logits come back to the CPU for the vote and the uncertainty."""
+    device = maps[0].device
+    ys, xs = torch.meshgrid(torch.arange(size, device=device), torch.arange(size, device=device), indexing="ij")
     ys, xs = ys.reshape(-1), xs.reshape(-1)
     labels, js, probs = [], [], []
     for i in range(0, ys.numel(), pixels_per_chunk):

@@ -108,7 +108,8 @@ def _array_metadata(shape: tuple[int, ...], dtype: np.dtype,
 
 
 def to_float16(values: Any, what: str) -> np.ndarray:
-    """Activations (numpy or torch, any float dtype, any shape) as float16 numpy, as stored: rounded to nearest
+    """Activations (numpy or torch on any device, any float dtype, any shape) as float16 numpy, as stored (a
+    device tensor is checked and cast on its device, then copied to the host as float16): rounded to nearest
     even exactly like numpy's astype, with torch's vectorised cast (~30x faster). StoreError naming `what` when a
     value is not finite or beyond the float16 range (|x| > 65504 rounds to inf from 65520).
 
@@ -120,7 +121,7 @@ def to_float16(values: Any, what: str) -> np.ndarray:
             raise StoreError(f"{what}: activations are not finite (fp16 overflow in the UNet or a broken "
                              f"checkpoint?)")
         return half
-    tensor = torch.as_tensor(values).detach().cpu()
+    tensor = torch.as_tensor(values).detach()  # a GPU tensor is checked and cast there: half the copy to the host
     tensor = tensor if tensor.dtype == torch.float32 else tensor.float()
     lo, hi = torch.aminmax(tensor) if tensor.numel() else (torch.tensor(0.0), torch.tensor(0.0))
     bad = None
@@ -131,7 +132,7 @@ def to_float16(values: Any, what: str) -> np.ndarray:
         bad = "beyond the float16 range (|x| > 65504)"
     if bad:
         raise StoreError(f"{what}: activations are {bad} (fp16 overflow in the UNet or a broken checkpoint?)")
-    return half.numpy()
+    return half.cpu().numpy()
 
 
 _ZSTD = numcodecs.Zstd(level=ZSTD_LEVEL)  # what zarr's ZstdCodec(level=3) runs (checksum off)

@@ -21,7 +21,8 @@ from pipeline import features
 
 KEYS = ("train_peak_rss_mb_n20", "train_rss_growth_n5_to_n20", "official_rss_mb_per_image",
         "store_ratio_vs_upsampled_fp32", "store_ratio_vs_upsampled_fp32_realistic", "extraction_overhead_ratio",
-        "streaming_throughput_ratio", "noop_rerun_s")
+        "streaming_throughput_ratio", "noop_rerun_s", "ensemble_speedup_batched_vs_independent",
+        "ensemble_speedup_vs_official", "mlp_flops_utilisation")
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,7 @@ def toy_run(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(memory, "run_child", lambda module, args: memory.child_result(args))
         with contextlib.redirect_stdout(stdout):
-            assert main(["--toy", "--json", "--only", "memory,store,extraction,throughput", "--out", str(out),
+            assert main(["--toy", "--json", "--only", "memory,store,extraction,throughput,ensemble", "--out", str(out),
                          "--workdir", str(root / "work")]) == 0
     lines = stdout.getvalue().strip().splitlines()
     assert len(lines) == 1, "--json prints exactly one line"
@@ -57,6 +58,10 @@ def test_json_has_every_key_with_sane_values(toy_run):
     assert 0 < results["extraction_overhead_ratio_stress"] < math.inf
     assert results["details"]["extraction_stress"]["fp16_bytes_per_image_step"] > 0
     assert 0 < results["streaming_throughput_ratio"] < math.inf
+    ensemble = results["details"]["ensemble"]
+    for key in ("ensemble_speedup_batched_vs_independent", "ensemble_speedup_vs_official", "mlp_flops_utilisation"):
+        assert 0 < results[key] < math.inf and results[key] == ensemble[key], key
+    assert ensemble["members"] == 10 and ensemble["dim"] == results["geometry"]["feature_dim"]
     for key, goal in results["goals"].items():
         assert set(goal) == {"value", "goal", "pass"} and goal["value"] == results[key]
     assert results["goals"]["noop_rerun_s"]["pass"] is None

@@ -1,0 +1,306 @@
+"""Training several members of the ensemble in one pass over shared slices (`classifier.ensemble: batched`).
+
+Each slice of sampled pixel features is built once and feeds every member still training. The members' layers
+are stacked along a leading member dimension M and run as batched matrix products (``torch.baddbmm``); the
+layers are exactly `pipeline.classifier.build_classifier`'s (Linear, ReLU, optional Dropout, BatchNorm1d in
+train mode with its running statistics). Per member, as in `pipeline.classifier.train_member`:
+
+- init: ``torch.manual_seed(member seed)`` then ``build_classifier`` (the same initial weights as the member
+  trained alone);
+- its own order of each slice's pixels (``slice_order``: seeded by member seed, epoch and slice number), cut into
+  batches; what does not fill a batch at the end of a slice is carried into the next slice's first batch;
+- its own dropout masks (a ``torch.Generator`` per member, seeded by its seed);
+- its own early-stopping state (`EarlyStopping`): a member that stops is taken out of the stack (no further
+  update, no further cost) and handed to ``on_member_done``; the pass ends when every member has stopped or after
+  max_epochs;
+- Adam / AdamW from ``torch.optim`` over the stacked tensors: the update is elementwise, so each member's values
+  follow the same formulas as alone.
+
+A member's result depends on its seed and the shared slices only, not on the other members of the pass (each
+member's slab of a batched product is its own product), so growing an ensemble trains the new members alone.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from pipeline import classifier as clf
+
+__all__ = ["ENSEMBLE_MODES", "StackedMembers", "stack_members", "unstack_member", "stacked_forward",
+           "slice_order", "train_members", "training_step_flops"]
+
+ENSEMBLE_MODES = ("batched", "independent")
+BATCHNORM_MOMENTUM = 0.1  # nn.BatchNorm1d's default, as in the official classifier
+BATCHNORM_EPS = 1e-5
+
+
+@dataclass
+class StackedMembers:
+    """The state of M members of one architecture, stacked: ``state[name]`` is ``(M, *shape)`` for every entry of
+    the template's state_dict, except Linear weights, held transposed as ``(M, in, out)`` (contiguous: the batched
+    products and their gradients need no strided copies, and Adam updates contiguous tensors). Parameters are leaf
+    tensors that require grad; BatchNorm buffers do not."""
+
+    template: nn.Sequential  # the architecture (its own values unused)
+    state: dict[str, Tensor]
+    dropout: float
+
+    @property
+    def size(self) -> int:
+        return int(next(iter(self.state.values())).shape[0])
+
+    def parameters(self) -> list[Tensor]:
+        return [self.state[name] for name, _ in self.template.named_parameters()]
+
+
+def _transposed_names(template: nn.Sequential) -> set[str]:
+    return {f"{index}.weight" for index, layer in enumerate(template) if isinstance(layer, nn.Linear)}
+
+
+def stack_members(models: Sequence[nn.Sequential], device: str | torch.device = "cpu") -> StackedMembers:
+    """Stack the state of `models` (same architecture, from build_classifier) on `device`."""
+    if not models:
+        raise ValueError("stack_members: no members given")
+    names = {name for name, _ in models[0].named_parameters()}
+    transposed = _transposed_names(models[0])
+    state = {}
+    for name in models[0].state_dict():
+        values = [m.state_dict()[name].detach() for m in models]
+        if name in transposed:
+            values = [value.T for value in values]
+        stacked = torch.stack(values).contiguous().to(device)
+        state[name] = stacked.requires_grad_() if name in names else stacked
+    dropout = next((layer.p for layer in models[0] if isinstance(layer, nn.Dropout)), 0.0)
+    return StackedMembers(models[0], state, float(dropout))
+
+
+def unstack_member(stacked: StackedMembers, member: int, number_class: int, dim: int) -> nn.Sequential:
+    """Member `member` of the stack as its own classifier (CPU, eval mode), built without drawing from torch's
+    global RNG."""
+    with torch.random.fork_rng(devices=[]):
+        model = clf.build_classifier(number_class, dim, stacked.dropout)
+    transposed = _transposed_names(stacked.template)
+    model.load_state_dict({name: (value[member].T if name in transposed else value[member]).detach().cpu()
+                           for name, value in stacked.state.items()})
+    return model.eval()
+
+
+def _keep(stacked: StackedMembers, keep: Tensor) -> StackedMembers:
+    names = {name for name, _ in stacked.template.named_parameters()}
+    state = {}
+    for name, value in stacked.state.items():
+        kept = value.detach()[keep].clone()
+        state[name] = kept.requires_grad_() if name in names else kept
+    return StackedMembers(stacked.template, state, stacked.dropout)
+
+
+def stacked_forward(stacked: StackedMembers, x: Tensor, dropout_masks: Sequence[Tensor] = ()) -> Tensor:
+    """Train-mode forward of every member: x (M, B, D) float32 -> logits (M, B, C).
+
+    BatchNorm1d uses each member's batch statistics and updates its running mean / variance (unbiased) in place,
+    as nn.BatchNorm1d does in train mode. dropout_masks: one (M, B, width) tensor per Dropout layer, in order,
+    already scaled by 1 / (1 - p)."""
+    masks = iter(dropout_masks)
+    state = stacked.state
+    for index, layer in enumerate(stacked.template):
+        if isinstance(layer, nn.Linear):
+            weight, bias = state[f"{index}.weight"], state[f"{index}.bias"]
+            x = torch.baddbmm(bias[:, None, :], x, weight)  # weight: (M, in, out)
+        elif isinstance(layer, nn.ReLU):
+            x = torch.relu(x)
+        elif isinstance(layer, nn.Dropout):
+            x = x * next(masks)
+        elif isinstance(layer, nn.BatchNorm1d):
+            count = x.shape[1]
+            var, mean = torch.var_mean(x, dim=1, correction=0, keepdim=True)
+            with torch.no_grad():
+                running_mean, running_var = state[f"{index}.running_mean"], state[f"{index}.running_var"]
+                running_mean.mul_(1 - BATCHNORM_MOMENTUM).add_(mean[:, 0], alpha=BATCHNORM_MOMENTUM)
+                running_var.mul_(1 - BATCHNORM_MOMENTUM).add_(var[:, 0] * (count / (count - 1)),
+                                                              alpha=BATCHNORM_MOMENTUM)
+                state[f"{index}.num_batches_tracked"].add_(1)
+            x = (x - mean) * torch.rsqrt(var + BATCHNORM_EPS)
+            x = torch.addcmul(state[f"{index}.bias"][:, None, :], x, state[f"{index}.weight"][:, None, :])
+        else:
+            raise TypeError(f"stacked_forward: unsupported layer {type(layer).__name__} at index {index}")
+    return x
+
+
+def slice_order(seed: int, epoch: int, slice_number: int, n: int) -> Tensor:
+    """(n,) int64: a member's order of the n pixels of a slice, seeded by (seed, epoch, slice_number)."""
+    return torch.from_numpy(np.random.default_rng([seed, epoch, slice_number]).permutation(n))
+
+
+def training_step_flops(number_class: int, dim: int, batch_size: int) -> float:
+    """Multiply-add FLOPs of one member's training step (forward + backward of the three Linear layers; the input
+    gradient of the first layer is not computed): 2 * B * (3 * (h1 h2 + h2 C) + 2 * D h1)."""
+    first, second = clf.hidden_widths(number_class)
+    return 2.0 * batch_size * (2 * dim * first + 3 * (first * second + second * number_class))
+
+
+def _optimizer(params: list[Tensor], settings: clf.TrainSettings) -> torch.optim.Optimizer:
+    if settings.optimizer == "adam":
+        return torch.optim.Adam(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    if settings.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    raise ValueError(f"unknown optimizer {settings.optimizer!r}; expected one of {clf.OPTIMIZERS}")
+
+
+def _compact_optimizer(old: torch.optim.Optimizer, old_params: list[Tensor], new_params: list[Tensor],
+                       keep: Tensor, settings: clf.TrainSettings) -> torch.optim.Optimizer:
+    """A new optimizer over new_params whose state is old's rows `keep` (Adam's moments; the step count)."""
+    new = _optimizer(new_params, settings)
+    for old_param, new_param in zip(old_params, new_params):
+        state = old.state.get(old_param)
+        if state:
+            new.state[new_param] = {key: (value if key == "step" else value[keep].clone())
+                                    for key, value in state.items()}
+    return new
+
+
+def train_members(
+    settings: clf.TrainSettings,
+    seeds: Sequence[int],
+    epoch_slices: Callable[[int], Iterable[tuple[Tensor, Tensor]]],
+    *,
+    device: str | torch.device = "cpu",
+    iterations_per_epoch: int | None = None,
+    on_member_done: Callable[[int, nn.Module, dict], None] | None = None,
+    progress: bool = False,
+    desc: str = "",
+) -> list[tuple[nn.Module, dict]]:
+    """Train one member per seed in one pass; returns [(model in eval mode on the CPU, info)] in seeds' order.
+
+    epoch_slices(epoch) yields the epoch's slices (features (n, D) float, labels (n,) int64), the same for every
+    member; a slice's features need to stay valid only until the slice after the next one is requested.
+    iterations_per_epoch: at most that many batches per epoch (None: every full batch). on_member_done(position,
+    model, info) is called as soon as a member stops (early stop or the end), so it can be written at once.
+    info is pipeline.classifier.train_member's: epochs, iterations, final_loss, best_loss, stopped_early.
+    """
+    if not seeds:
+        raise ValueError("train_members: no seeds given")
+    device = torch.device(device)
+    models = []
+    for seed in seeds:
+        torch.manual_seed(seed)  # the init of the member trained alone
+        models.append(clf.build_classifier(settings.number_class, settings.dim, settings.dropout))
+    stacked = stack_members(models, device)
+    del models
+    generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
+    dropout_widths = [stacked.template[i + 1].num_features for i, layer in enumerate(stacked.template)
+                      if isinstance(layer, nn.Dropout)]
+    params = stacked.parameters()
+    optimizer = _optimizer(params, settings)
+    batch = settings.batch_size
+    active = list(range(len(seeds)))  # positions (into seeds) of the members still in the stack
+    stoppers = [clf.EarlyStopping(start_epoch=settings.early_stop_start_epoch, patience=settings.patience)
+                for _ in seeds]
+    final_loss = [math.nan] * len(seeds)
+    iterations = 0
+    results: list[tuple[nn.Module, dict] | None] = [None] * len(seeds)
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(desc=desc or f"train {len(seeds)} members", unit="it", leave=False)
+
+    def finish(positions: list[int], epoch: int, stopped_early: bool) -> None:
+        for position in positions:
+            row = active.index(position)
+            model = unstack_member(stacked, row, settings.number_class, settings.dim)
+            stopper = stoppers[position]
+            info = {"epochs": epoch + 1, "iterations": iterations, "final_loss": final_loss[position],
+                    "best_loss": stopper.best if stopper.active else None, "stopped_early": stopped_early}
+            results[position] = (model, info)
+            if on_member_done is not None:
+                on_member_done(position, model, info)
+
+    def step(x: Tensor, y: Tensor, epoch: int) -> list[int]:
+        """One batch for every active member: x (A, B, D), y (A, B); returns the positions that stop."""
+        nonlocal iterations
+        masks = []
+        if stacked.dropout > 0:
+            keep_p = 1.0 - stacked.dropout
+            for width in dropout_widths:
+                masks.append(torch.stack([torch.empty((batch, width), device=device).bernoulli_(
+                    keep_p, generator=generators[p]) for p in active]).div_(keep_p))
+        logits = stacked_forward(stacked, x, masks)
+        losses = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
+                                             reduction="none").view(y.shape).mean(1)
+        optimizer.zero_grad()
+        losses.sum().backward()
+        optimizer.step()
+        iterations += 1
+        stopping = []
+        for position, loss in zip(active, losses.tolist()):
+            final_loss[position] = loss
+            if stoppers[position].update(epoch, loss):
+                stopping.append(position)
+        if bar is not None:
+            bar.update(1)
+        return stopping
+
+    try:
+        for epoch in range(settings.max_epochs):
+            batches_this_epoch = 0
+            carry_x: Tensor | None = None  # (A, r, D): each member's pixels of the last slice not yet batched
+            carry_y: Tensor | None = None
+            slices = epoch_slices(epoch)
+            for slice_number, (features, labels) in enumerate(slices):
+                if features.ndim != 2 or features.shape[1] != settings.dim or labels.shape != (features.shape[0],):
+                    raise ValueError(f"epoch {epoch} slice {slice_number}: expected features (n, {settings.dim}) "
+                                     f"and labels (n,), got {tuple(features.shape)} and {tuple(labels.shape)}")
+                features = features.to(device=device, dtype=torch.float32, non_blocking=True)
+                labels = labels.to(device=device, dtype=torch.long, non_blocking=True)
+                n = labels.shape[0]
+                order = torch.stack([slice_order(seeds[p], epoch, slice_number, n) for p in active]).to(device)
+                position = 0
+                while position < n and active:
+                    if iterations_per_epoch is not None and batches_this_epoch >= iterations_per_epoch:
+                        break
+                    have = 0 if carry_y is None else carry_y.shape[1]
+                    take = min(batch - have, n - position)
+                    rows = order[:, position:position + take]  # (A, take)
+                    x = features[rows.reshape(-1)].view(len(active), take, settings.dim)
+                    y = labels[rows]
+                    position += take
+                    if have:
+                        x, y = torch.cat([carry_x, x], 1), torch.cat([carry_y, y], 1)
+                        carry_x = carry_y = None
+                    if x.shape[1] < batch:  # the slice's last pixels: carried into the next slice
+                        carry_x, carry_y = x.clone(), y.clone()
+                        break
+                    stopping = step(x, y, epoch)
+                    batches_this_epoch += 1
+                    if stopping:
+                        finish(stopping, epoch, stopped_early=True)
+                        keep_rows = [row for row, p in enumerate(active) if p not in stopping]
+                        active[:] = [p for p in active if p not in stopping]
+                        if active:
+                            keep = torch.tensor(keep_rows, dtype=torch.long, device=device)
+                            old_params = params
+                            stacked = _keep(stacked, keep)
+                            params = stacked.parameters()
+                            optimizer = _compact_optimizer(optimizer, old_params, params, keep, settings)
+                            order = order[keep]
+                if not active or (iterations_per_epoch is not None and batches_this_epoch >= iterations_per_epoch):
+                    break
+            if hasattr(slices, "close"):
+                slices.close()  # an epoch cut short: stop its prefetching now
+            if batches_this_epoch == 0 and active:
+                raise ValueError(f"epoch_slices({epoch}) gave no full batch: no labelled pixels to train on?")
+            if not active:
+                break
+        else:
+            finish(list(active), settings.max_epochs - 1, stopped_early=False)
+    finally:
+        if bar is not None:
+            bar.close()
+    return [result for result in results if result is not None]
