@@ -187,6 +187,17 @@ def _prepared(path):
     return cfg, store, refs
 
 
+def _stored_state(loc, key: str, index: int) -> dict:
+    """A committed member's state dict, read as the evaluate stage reads it (checked bytes, then weights_only)."""
+    import io
+
+    from pipeline.classifier import load_member
+    from storage import artifacts
+
+    payload, _ = artifacts.read_member(loc, key, index)
+    return load_member(io.BytesIO(payload))[0].state_dict()
+
+
 def test_independent_cpu_member_is_bit_identical_to_todays(tiny_experiment):
     from flows import train as train_stage
     from flows.stage_keys import members_key, train_key
@@ -196,7 +207,7 @@ def test_independent_cpu_member_is_bit_identical_to_todays(tiny_experiment):
                                                              "ensemble": "independent", "dropout": 0.2}))
     key = train_key(cfg, refs)
     assert train_stage.train_member(cfg, store, refs, key, 0, progress=False)["ran"]
-    state, _ = artifacts.read_member(store.location, members_key(key), 0)
+    state = _stored_state(store.location, members_key(key), 0)
     expected = _todays_member(cfg, store, refs, 0).state_dict()
     assert state.keys() == expected.keys()
     for name in state:
@@ -226,8 +237,8 @@ def test_batched_stage_writes_members_under_todays_keys_and_grows(tiny_experimen
     fresh_cfg, fresh_store, fresh_refs = _prepared(tiny_experiment(classifier={**classifier, "model_num": 3}))
     fresh_key = train_key(fresh_cfg, fresh_refs)
     train_stage.train_members(fresh_cfg, fresh_store, fresh_refs, fresh_key, [0, 1, 2], progress=False)
-    ours, _ = artifacts.read_member(store.location, members_key(key), 2)
-    theirs, _ = artifacts.read_member(fresh_store.location, members_key(fresh_key), 2)
+    ours = _stored_state(store.location, members_key(key), 2)
+    theirs = _stored_state(fresh_store.location, members_key(fresh_key), 2)
     for name in ours:
         assert torch.allclose(ours[name].float(), theirs[name].float(), atol=1e-5), name
     # a batched member through train_member (the sweep's per-member call) is a pass of one: committed here
