@@ -34,11 +34,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from pipeline.backbone import BackboneError
     from pipeline.config import ConfigError
     from pipeline.datasets import DatasetError
+    from pipeline.extractors import ExtractorError
     from storage.features import StoreError
     from storage.assets import AssetError
     from storage.location import StoreAccessError
 
-    return ConfigError, DatasetError, BackboneError, StoreError, StoreAccessError, AssetError, FileNotFoundError
+    return ConfigError, DatasetError, BackboneError, ExtractorError, StoreError, StoreAccessError, AssetError, \
+        FileNotFoundError
 
 
 def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
