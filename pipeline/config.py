@@ -418,8 +418,16 @@ def parse_model_flags(flag_string: str) -> dict[str, Any]:
     return flags
 
 
+def feature_channels(cfg: ExperimentConfig) -> int:
+    """Length of a pixel's feature vector for a config: the hooked layers' channels, for every step."""
+    shapes = cfg.model.extractor().layer_shapes(cfg.sorted_blocks, cfg.features.input_activations)
+    return len(cfg.features.steps) * sum(c for c, _, _ in shapes.values())
+
+
 def import_official(json_path: str | Path, model_flags: str | None = None) -> dict[str, Any]:
-    """Turn an official experiments/<name>/ddpm.json (+ the MODEL_FLAGS string) into our config mapping."""
+    """Turn an official experiments/<name>/{ddpm,mae,swav,swav_w2}.json (+ the MODEL_FLAGS string for ddpm) into
+    our config mapping. For mae / swav / swav_w2 (whose files list no steps and no blocks) the layers are the
+    official extractor's, and the feature length is checked against the file's `dim`."""
     json_path = Path(json_path)
     try:
         opts = json.loads(json_path.read_text())
@@ -434,8 +442,12 @@ def import_official(json_path: str | Path, model_flags: str | None = None) -> di
                       "testing_number", "steps", "blocks"} - set(opts))
     if missing:
         raise ConfigError(f"{json_path}: missing key(s) {missing}; an official ddpm.json has them all")
-    if opts.get("model_type", "ddpm") != "ddpm":
-        raise ConfigError(f"{json_path}: model_type {opts['model_type']!r} is not supported; expected 'ddpm'")
+    kind = opts.get("model_type", "ddpm")
+    if kind not in KINDS or not extractor_class(kind).uses_weights:
+        raise ConfigError(f"{json_path}: model_type {kind!r} is not supported; expected one of "
+                          f"{[k for k in KINDS if extractor_class(k).uses_weights]}")
+    if model_flags and kind != "ddpm":
+        raise ConfigError(f"{json_path}: --model-flags are guided-diffusion flags; model_type {kind!r} takes none")
     if opts.get("upsample_mode", "bilinear") != "bilinear":
         raise ConfigError(f"{json_path}: upsample_mode {opts['upsample_mode']!r}; only 'bilinear' is supported")
     category = opts.get("category")
@@ -450,16 +462,35 @@ def import_official(json_path: str | Path, model_flags: str | None = None) -> di
     if "dim" in opts and "image_size" not in flags:
         flags["image_size"] = int(opts["dim"][0])
     model: dict[str, Any] = {"checkpoint": opts["model_path"]}
+    if kind != "ddpm":
+        model = {"kind": kind, **model}
     if flags:
         model["flags"] = flags
-    return {
+    input_activations = bool(opts.get("input_activations", False))
+    if kind == "ddpm":
+        features: dict[str, Any] = {
+            "steps": list(opts["steps"]), "blocks": list(opts["blocks"]), "input_activations": input_activations,
+            "share_noise": bool(opts.get("share_noise", True)), "seed": int(opts.get("seed", 0)),
+        }
+    elif opts["steps"] or opts["blocks"]:
+        raise ConfigError(f"{json_path}: model_type {kind!r} with steps {opts['steps']} / blocks {opts['blocks']}; "
+                          f"the official {kind} extractor uses neither (expected empty lists)")
+    else:
+        features = {"blocks": extractor_class(kind).feature_defaults(flags)["blocks"],
+                    "input_activations": input_activations}
+    data = {
         "recipe": "paper",
         "dataset": dataset,
         "model": model,
-        "features": {
-            "steps": list(opts["steps"]), "blocks": list(opts["blocks"]),
-            "input_activations": bool(opts.get("input_activations", False)),
-            "share_noise": bool(opts.get("share_noise", True)), "seed": int(opts.get("seed", 0)),
-        },
+        "features": features,
         "classifier": {"model_num": int(opts.get("model_num", 10)), "batch_size": int(opts.get("batch_size", 64))},
     }
+    if kind != "ddpm" and "dim" in opts:
+        try:
+            channels = feature_channels(parse_config(data, source=str(json_path)))
+        except ConfigError:
+            channels = None  # reported when the imported config is loaded
+        if channels is not None and channels != int(opts["dim"][-1]):
+            raise ConfigError(f"{json_path}: dim {opts['dim']} says {opts['dim'][-1]} channels per pixel; the "
+                              f"{kind} extractor's layers give {channels}")
+    return data

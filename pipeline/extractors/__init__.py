@@ -20,7 +20,7 @@ from pipeline.extractors.rgb import RGBExtractor
 from pipeline.extractors.swav import SwAVExtractor, SwAVw2Extractor
 
 __all__ = ["EXTRACTORS", "KINDS", "ExtractorError", "FeatureExtractor", "LoadReport", "create_extractor",
-           "extractor_class"]
+           "extractor_class", "official_settings"]
 
 EXTRACTORS: dict[str, type[FeatureExtractor]] = {
     cls.kind: cls for cls in (DDPMExtractor, RGBExtractor, MAEExtractor, SwAVExtractor, SwAVw2Extractor)
@@ -40,3 +40,17 @@ def create_extractor(kind: str, flags: Mapping[str, Any] | None = None) -> Featu
     """The extractor of ``kind`` for these model flags (the official ones where a flag is left out); nothing
     is built yet (``build`` makes the network)."""
     return extractor_class(kind)(flags or {})
+
+
+def official_settings(kind: str) -> dict[str, Any]:
+    """A kind's official feature settings at its official flags: steps, blocks (layer numbers and names),
+    input_activations, channels per pixel (all steps) and the default checkpoint of a preset."""
+    cls = extractor_class(kind)
+    extractor = cls({})
+    settings = {"steps": [0], "blocks": [0], "input_activations": False, **cls.feature_defaults({}),
+                **cls.fixed_features()}
+    shapes = extractor.layer_shapes(settings["blocks"], settings["input_activations"])
+    names = extractor.layer_names()
+    return {**settings, "layers": [names[b] for b in settings["blocks"]],
+            "channels": len(settings["steps"]) * sum(c for c, _, _ in shapes.values()),
+            "checkpoint": cls.default_checkpoint("<dataset>.pt") if cls.uses_weights else None}
