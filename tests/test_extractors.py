@@ -112,7 +112,7 @@ def test_full_size_networks_have_the_official_state_dict_layouts():
     assert _layout(mae) == official_mae_layout(OFFICIAL_MAE_FLAGS)
     assert _layout(resnet50) == official_resnet_layout(1)
     assert _layout(resnet50w2) == official_resnet_layout(2)
-    # ViT-L/8 encoder 303.3 M + decoder 26.4 M parameters (pos embeddings included); ResNet-50 without fc 23.5 M
+    # ResNet-50 without fc: 23.5 M parameters (torchvision resnet50 25.6 M less fc 2.05 M); ResNet-50w2 93.9 M
     assert sum(p.numel() for p in resnet50.parameters()) == 23_508_032
     assert sum(p.numel() for p in resnet50w2.parameters()) == 93_907_072
 
@@ -337,3 +337,49 @@ def test_configs_of_the_new_kinds_get_their_defaults_and_checks(tmp_path):
     with pytest.raises(ConfigError, match="checkpoint is required .*randomly initialised mae network"):
         parse_config({"dataset": {**base["dataset"], "preset": None, "number_class": 3, "training_number": 1,
                                   "testing_number": 1}, "model": {"kind": "mae"}})
+
+
+# -- keys of existing stores ---------------------------------------------------------------------------------------
+# Measured on the code before feature extractors existed (commit 407aa6a): the demo's three configs. A change here
+# would orphan every store written before.
+PINNED_KEYS = {
+    "ddpm": ("features/demo_backbone-34a97fb9c7fe/base/t0050-8eb954bf",
+             "3d45f5d42f6c0dfe1c15145aa94f1a4b588cac416760b9fa62f27d81327cee6b"),
+    "random-unet": ("features/random0-05015811dd5b/base/t0050-8eb954bf",
+                    "438b07b820d9f487be706c9ac845ddb8d8cf6ca48c51e41cdda775b02423cec7"),
+    "rgb": ("features/rgb-a25ff3fa2aa1/base/t0000-8eb954bf",
+            "73ac6367189d7a401dc3b5001c342cdccb29b594a051c9a326dae724dc0ca6a0"),
+}
+
+
+@pytest.mark.parametrize("feature", sorted(PINNED_KEYS))
+def test_stage_keys_of_ddpm_and_rgb_configs_are_those_of_earlier_versions(feature, tmp_path):
+    from flows import stage_keys
+    from flows.demo import demo_config
+
+    data = demo_config(feature, 0, 3, 2, 2)
+    data["features"]["batch_size"] = 2
+    cfg = parse_config(data, base_dir=tmp_path)
+    refs = [stage_keys.ImageRef(f"img{i:02d}", f"lab{i:02d}", f"s{i}") for i in range(3)]
+    unit, extract = PINNED_KEYS[feature]
+    assert stage_keys.unit_for(cfg, cfg.features.steps[0]).path == unit
+    assert stage_keys.extract_key(cfg, refs).value == extract
+
+
+def test_mae_and_swav_units_are_keyed_by_kind_and_weights(tmp_path):
+    from flows import stage_keys
+
+    base = {"dataset": {"preset": "cat_15", "train_dir": "a", "test_dir": "b"}}
+    checkpoint = tmp_path / "lsun_cat.pth"
+    checkpoint.write_bytes(b"weights")
+    tags = {}
+    for kind in ("mae", "swav", "swav_w2"):
+        cfg = parse_config({**base, "model": {"kind": kind, "checkpoint": str(checkpoint)}}, base_dir=tmp_path)
+        tags[kind] = stage_keys.backbone_tag(cfg)
+        assert tags[kind].startswith(f"{kind}-lsun_cat-")
+        assert stage_keys.unit_for(cfg, 0).path.startswith(f"features/{tags[kind]}/base/t0000-")
+        assert stage_keys.backbone_fingerprint(cfg)["kind"] == kind
+    assert len(set(tags.values())) == 3
+    cfg = parse_config({**base, "model": {"kind": "mae", "checkpoint": str(checkpoint)}}, base_dir=tmp_path)
+    checkpoint.write_bytes(b"other weights")
+    assert stage_keys.backbone_tag(cfg) != tags["mae"]
