@@ -467,7 +467,7 @@ def import_official(json_path: str | Path, model_flags: str | None = None) -> di
     if flags:
         model["flags"] = flags
     input_activations = bool(opts.get("input_activations", False))
-    if kind == "ddpm":
+    if extractor_class(kind).uses_timesteps:
         features: dict[str, Any] = {
             "steps": list(opts["steps"]), "blocks": list(opts["blocks"]), "input_activations": input_activations,
             "share_noise": bool(opts.get("share_noise", True)), "seed": int(opts.get("seed", 0)),
@@ -485,7 +485,7 @@ def import_official(json_path: str | Path, model_flags: str | None = None) -> di
         "features": features,
         "classifier": {"model_num": int(opts.get("model_num", 10)), "batch_size": int(opts.get("batch_size", 64))},
     }
-    if kind != "ddpm" and "dim" in opts:
+    if not extractor_class(kind).uses_timesteps and "dim" in opts:
         try:
             channels = feature_channels(parse_config(data, source=str(json_path)))
         except ConfigError:
