@@ -280,6 +280,8 @@ def load_partial_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor],
     model.load_state_dict({k: state[k].to(own[k].dtype) for k in loaded}, strict=False)
     if report.missing:
         LOG.warning("checkpoint %s left parts of the model at their random init: %s", source, report.summary())
+    else:
+        LOG.info("checkpoint %s: %s", source, report.summary())
     return report
 
 
