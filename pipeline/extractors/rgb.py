@@ -1,7 +1,7 @@
 """`rgb`: the no-backbone baseline, each pixel's colour and (y, x) coordinates as one map "layer" 0."""
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
