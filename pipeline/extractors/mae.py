@@ -7,8 +7,9 @@ hooks on the last ``num_blocks`` (12) encoder blocks, and of each block's tokens
 token dropped, the patches put back in image order with ``ids_restore``, reshaped to ``(B, D, sqrt L, sqrt L)``.
 With mask ratio 0 every patch is kept but the official encoder visits them in a random order (``torch.rand``);
 self-attention, LayerNorm and the MLP treat tokens alike, so the un-shuffled maps do not depend on that order
-(up to float summation order). Here the order is the identity unless a permutation is passed, which keeps the
-maps deterministic, as the feature cache needs (tests check a random order gives the same maps).
+(up to float summation order). The extractor keeps the patches in image order, so the maps are deterministic as
+the feature cache needs; ``MaskedAutoencoderViT.encode`` takes a permutation, and a test checks that a random
+order, un-shuffled with ``ids_restore``, gives the same maps.
 
 The module below is written to the official checkpoint's state-dict layout (``{"model": state_dict}`` of the
 MAE training script: encoder, decoder and the fixed sin-cos position embeddings); a test loads a state dict
@@ -185,7 +186,6 @@ class MAEExtractor(FeatureExtractor):
             raise ValueError(f"model.flags: an MAE needs image_size divisible by patch_size and embed dims divisible "
                              f"by the head counts, got {f}")
         self.model: MaskedAutoencoderViT | None = None
-        self.ids_shuffle: torch.Tensor | None = None  # None: image order (see the module docstring)
 
     @classmethod
     def default_flags(cls) -> dict[str, Any]:
@@ -226,14 +226,11 @@ class MAEExtractor(FeatureExtractor):
             raise RuntimeError("MAEExtractor.forward before build()")
         device = next(self.model.parameters()).device
         x = self.input_transform(x.to(device))
-        # the patches' order is known before the forward (the hooks stop it after the last needed block)
         batch, length = x.shape[0], self.model.grid ** 2
-        ids_shuffle = None if self.ids_shuffle is None else self.ids_shuffle.to(device)
-        ids_restore = (torch.arange(length, device=device).expand(batch, length) if ids_shuffle is None
-                       else torch.argsort(ids_shuffle, dim=1))
+        ids_restore = torch.arange(length, device=device).expand(batch, length)  # image order: no shuffle to undo
         modules = {b: self.model.blocks[b] for b in blocks}
         with ActivationHooks(modules, input_activations) as hooks:
-            acts = hooks.run(self.model.encode, x, ids_shuffle)
+            acts = hooks.run(self.model.encode, x)
         return {b: token_maps(acts[b], ids_restore, self.model.grid).cpu() for b in sorted(blocks)}
 
 
