@@ -315,7 +315,7 @@ def test_import_of_the_official_experiment_files(tmp_path, kind, dim, input_acti
 def test_configs_of_the_new_kinds_get_their_defaults_and_checks(tmp_path):
     base = {"dataset": {"preset": "bedroom_28", "train_dir": "a", "test_dir": "b"}}
     cfg = parse_config({**base, "model": {"kind": "mae"}}, base_dir=tmp_path)
-    assert cfg.model.checkpoint == str(tmp_path / "checkpoints/mae/lsun_bedroom.pth")
+    assert cfg.model.checkpoint.endswith("/checkpoints/mae/lsun_bedroom.pth")  # beside the config, else fetched
     assert cfg.features.blocks == list(range(12, 24)) and cfg.features.steps == [0]
     assert feature_channels(cfg) == 12288
     cfg = parse_config({**base, "model": {"kind": "swav_w2"}, "features": {"steps": [50, 150]}}, base_dir=tmp_path)
@@ -383,3 +383,17 @@ def test_mae_and_swav_units_are_keyed_by_kind_and_weights(tmp_path):
     cfg = parse_config({**base, "model": {"kind": "mae", "checkpoint": str(checkpoint)}}, base_dir=tmp_path)
     checkpoint.write_bytes(b"other weights")
     assert stage_keys.backbone_tag(cfg) != tags["mae"]
+
+
+def test_a_presets_missing_mae_or_swav_checkpoint_names_its_fetch_command(tmp_path, monkeypatch):
+    from flows.fetch_cli import require_assets
+    from storage.assets import AssetError, checkpoint_asset
+
+    monkeypatch.setenv("DDPMSEG_HOME", str(tmp_path / "home"))
+    for kind in ("mae", "swav", "swav_w2"):
+        cfg = parse_config({"dataset": {"preset": "horse_21", "train_dir": "a", "test_dir": "b"},
+                            "model": {"kind": kind}}, base_dir=tmp_path)
+        assert cfg.model.checkpoint == str(tmp_path / "home" / "checkpoints" / kind / "lsun_horse.pth")
+        assert checkpoint_asset(f"{kind}/lsun_horse").local_path == f"checkpoints/{kind}/lsun_horse.pth"
+        with pytest.raises(AssetError, match=f"run `ddpmseg fetch checkpoint {kind}/lsun_horse`"):
+            require_assets(cfg)
