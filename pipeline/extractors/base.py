@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import pickle
-import re
-import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -24,6 +21,8 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
+
+from pipeline.torchfile import TorchFileError, load_tensors
 
 __all__ = ["ExtractorError", "FeatureExtractor", "LoadReport", "coerce_flag", "coerce_flags", "read_checkpoint",
            "load_partial_state_dict", "IMAGENET_MEAN", "IMAGENET_STD", "imagenet_input", "ActivationHooks"]
@@ -202,15 +201,6 @@ def imagenet_input(x: torch.Tensor) -> torch.Tensor:
     return (unit - mean) / std
 
 
-def _unpickler_reason(err: Exception) -> str:
-    text = str(err)
-    marker = "WeightsUnpickler error:"
-    if marker in text:
-        text = text.split(marker, 1)[1].strip().split("\n\n", 1)[0].split(" Please use", 1)[0]
-    text = re.sub(r"\x1b\[[0-9;]*m", "", text)
-    return " ".join(text.split())[:300] or type(err).__name__
-
-
 def read_checkpoint(path: str | Path, entry: str) -> dict[str, torch.Tensor]:
     """``torch.load(path, weights_only=True)[entry]``: the state dict a training script stored under ``entry``
     ('model' for MAE, 'state_dict' for SwAV). ``argparse.Namespace`` is allowed besides tensors and plain
@@ -220,15 +210,10 @@ def read_checkpoint(path: str | Path, entry: str) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise ExtractorError(f"checkpoint file not found: {path}")
     try:
-        with warnings.catch_warnings(), torch.serialization.safe_globals([argparse.Namespace]):
-            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise ExtractorError(f"checkpoint {path} was refused by torch.load(weights_only=True): it holds pickled "
-                             f"objects other than tensors and plain containers ({_unpickler_reason(err)})") from None
-    except Exception as err:  # noqa: BLE001 - torch raises many types for unreadable files
-        raise ExtractorError(f"checkpoint {path} could not be read as a file written by torch.save: "
-                             f"{type(err).__name__}: {err}") from None
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            state = load_tensors(path, f"checkpoint {path}")
+    except TorchFileError as err:
+        raise ExtractorError(str(err)) from None
     if not isinstance(state, Mapping) or entry not in state:
         found = sorted(map(str, state))[:_MAX_LISTED] if isinstance(state, Mapping) else type(state).__name__
         raise ExtractorError(f"checkpoint {path}: expected a mapping with the state dict under {entry!r} "
