@@ -59,7 +59,8 @@ def _bare(cfg: ExperimentConfig, jobs: list[extract_stage.ForwardJob], inputs: d
 def _bare_forwards(cfg: ExperimentConfig, jobs: list[extract_stage.ForwardJob], inputs: dict[str, torch.Tensor]):
     start = time.perf_counter()
     device = bb.resolve_device(cfg.features.device)
-    model, diffusion = extract_stage._load_backbone(cfg, device)  # the stage's own (per-process cached) build
+    extractor = extract_stage.load_extractor(cfg, device)  # the stage's own (per-process cached) build
+    model, diffusion = extractor.model, extractor.diffusion
     built = time.perf_counter()
     outputs = []
     for job in jobs:

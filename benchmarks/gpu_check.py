@@ -72,7 +72,7 @@ def extraction_check(workdir: Path, device: str | torch.device, flags: dict[str,
     cfg = load_config(path)
     store = FeatureStore(cfg.store)
     refs = prepare(cfg, store, "train").extraction(cfg, "train")
-    extract_stage._load_backbone(cfg, torch.device(device))  # the UNet build is not part of the timing
+    extract_stage.load_extractor(cfg, torch.device(device))  # the UNet build is not part of the timing
     before = _directory_bytes(Path(cfg.store))
     start = time.perf_counter()
     counts = extract_stage.extract_split(cfg, store, refs, progress=False)

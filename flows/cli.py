@@ -4,7 +4,7 @@
     ddpmseg run CONFIG [--store URL] [--json]     extract -> train -> evaluate, re-using what the store holds
                                                   (nothing changed: no Prefect flow run unless --always-flow)
     ddpmseg extract|train|evaluate CONFIG         one stage (and what it needs)
-    ddpmseg config import ddpm.json [--model-flags "..."]   an official experiment file -> our YAML
+    ddpmseg config import ddpm.json|mae.json|swav.json [--model-flags "..."]   an official experiment file -> our YAML
     ddpmseg config presets | show CONFIG
     ddpmseg fetch checkpoint PRESET|NAME... | datasets | list    the official assets, into $DDPMSEG_HOME
     ddpmseg reproduce PRESET... [--seeds 0,1,2] [--recipe paper|improved]   ours vs the published mIoU
@@ -45,11 +45,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from pipeline.backbone import BackboneError
     from pipeline.config import ConfigError
     from pipeline.datasets import DatasetError
+    from pipeline.extractors import ExtractorError
     from storage.features import StoreError
     from storage.assets import AssetError
     from storage.location import StoreAccessError
 
-    return ConfigError, DatasetError, BackboneError, StoreError, StoreAccessError, AssetError, FileNotFoundError
+    return ConfigError, DatasetError, BackboneError, ExtractorError, StoreError, StoreAccessError, AssetError, \
+        FileNotFoundError
 
 
 def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
@@ -107,9 +109,16 @@ def cmd_config(args: argparse.Namespace) -> int:
         else:
             print(text, end="")
     elif args.config_cmd == "presets":
+        from pipeline.extractors import KINDS, official_settings
+
         for name, p in DATASET_PRESETS.items():
             print(f"{name:16s} classes {p['number_class']:3d}  ignore {p['ignore_label']:3d}  "
                   f"train {p['training_number']:3d}  test {p['testing_number']:3d}  checkpoint {p['checkpoint']}")
+        print("\nmodel.kind  (official features; <dataset>: the preset's checkpoint name)")
+        for kind in KINDS:
+            s = official_settings(kind)
+            print(f"{kind:10s}  steps {s['steps']}  blocks {s['blocks']}  input_activations "
+                  f"{str(s['input_activations']).lower()}  {s['channels']} channels  checkpoint {s['checkpoint'] or '-'}")
     elif args.config_cmd == "show":
         print(yaml.safe_dump(config_to_dict(load_config(args.config)), sort_keys=False), end="")
     return 0
@@ -315,11 +324,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("config", help="import official experiment files, list presets, show a resolved config")
     csub = sp.add_subparsers(dest="config_cmd", required=True)
-    ci = csub.add_parser("import", help="turn experiments/<name>/ddpm.json of the official code into our YAML")
+    ci = csub.add_parser("import", help="turn experiments/<name>/{ddpm,mae,swav,swav_w2}.json of the official code "
+                                        "into our YAML")
     ci.add_argument("json_file")
     ci.add_argument("--model-flags", help='the MODEL_FLAGS string, e.g. "--image_size 256 --num_channels 256 ..."')
     ci.add_argument("--out", help="write the YAML here instead of stdout")
-    csub.add_parser("presets", help="list the paper's data set presets")
+    csub.add_parser("presets", help="list the paper's data set presets and the model kinds' official features")
     cs = csub.add_parser("show", help="print a config with every default filled in")
     cs.add_argument("config")
     sp.set_defaults(func=cmd_config)

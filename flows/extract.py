@@ -1,20 +1,20 @@
-"""The extract stage: one UNet forward per (batch of images, view, timestep) still missing in the store; the
-hooked blocks' outputs are written at native resolution, float16, commit-last (a killed run resumes at exactly
-the unfinished (image, t) pairs)."""
+"""The extract stage: one forward of the config's feature extractor (pipeline/extractors) per (batch of images,
+view, timestep) still missing in the store; the hooked layers' maps are written at native resolution, float16,
+commit-last (a killed run resumes at exactly the unfinished (image, t) pairs). Kinds without timesteps run once
+per image, at the pseudo-step 0."""
 from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from pipeline import backbone as bb
 from pipeline.config import ConfigError, ExperimentConfig, check_noise_device, noise_mode
-from pipeline.features import rgb_features
+from pipeline.extractors import FeatureExtractor
 from pipeline.progress import progress_bar
 from pipeline.threads import torch_threads
 from storage.features import FeatureStore, UnitSpec, to_float16
@@ -110,7 +110,7 @@ def _extract_jobs(cfg: ExperimentConfig, store: FeatureStore, jobs: list[Forward
     """Forwards in this thread; each forward's writes (compression, checksums, store I/O, commit markers) in one
     writer thread, so they overlap the next forward. At most one batch waits to be written (bounded memory); a
     write error stops the loop and is raised here, and an image counts as written only once its commit is done."""
-    model, diffusion = _load_backbone(cfg, device) if cfg.model.kind == "ddpm" else (None, None)
+    extractor = load_extractor(cfg, device)
     provenance = {"backbone": backbone_fingerprint(cfg), "features": feature_spec(cfg)}
 
     def write(unit: UnitSpec, ids: list[str], acts: dict[int, np.ndarray], blocks: list[int]) -> None:
@@ -129,13 +129,10 @@ def _extract_jobs(cfg: ExperimentConfig, store: FeatureStore, jobs: list[Forward
                 if inputs_of != (job.view, job.image_ids):  # a batch's jobs are consecutive: read once per batch
                     x0 = torch.stack([torch.from_numpy(store.read_view_input(job.view, i)) for i in ids]).to(device)
                     inputs_of = (job.view, job.image_ids)
-                if cfg.model.kind == "rgb":
-                    acts = {0: rgb_features(x0.cpu())}
-                else:
-                    noise = _noise_for(cfg, ids, job.t, device)
-                    acts = bb.extract_blocks(model, diffusion, x0, job.t, noise, list(job.blocks),
-                                             cfg.features.input_activations, to_host=device.type == "cpu")
-                    counts["unet_forwards"] += 1
+                noise = _noise_for(cfg, ids, job.t, device) if extractor.uses_timesteps else None
+                acts = extractor.forward(x0, job.t, noise, list(job.blocks), cfg.features.input_activations)
+                if extractor.uses_weights:
+                    counts["unet_forwards"] += 1  # network forwards (the rgb baseline runs none)
                 # float16 here, on the forward's threads (on a GPU: checked and cast there, half the copy to the
                 # host); the writer only encodes and stores
                 acts = {b: to_float16(a, f"{unit.path} images {', '.join(ids)} block {b}") for b, a in acts.items()}
@@ -150,23 +147,16 @@ def _extract_jobs(cfg: ExperimentConfig, store: FeatureStore, jobs: list[Forward
             raise
 
 
-_BACKBONE_CACHE: dict[tuple[str, str], tuple[Any, Any]] = {}
+_EXTRACTOR_CACHE: dict[tuple[str, str], FeatureExtractor] = {}
 
 
-def _load_backbone(cfg: ExperimentConfig, device: torch.device):
-    """Build (or reuse: one per process, e.g. a Dask worker running many extraction batches) the backbone."""
+def load_extractor(cfg: ExperimentConfig, device: torch.device) -> FeatureExtractor:
+    """The config's feature extractor, built on ``device`` with its weights; one per process (e.g. a Dask worker
+    running many extraction batches reuses it), keyed by the backbone fingerprint."""
     key = (digest(backbone_fingerprint(cfg)), str(device))
-    if key not in _BACKBONE_CACHE:
-        _BACKBONE_CACHE.clear()
-        _BACKBONE_CACHE[key] = _build_backbone(cfg, device)
-    return _BACKBONE_CACHE[key]
-
-
-def _build_backbone(cfg: ExperimentConfig, device: torch.device):
-    torch.manual_seed(cfg.model.init_seed)
-    model, diffusion = bb.build_backbone(cfg.model.full_flags(), device)
-    if cfg.model.checkpoint is not None:
-        bb.load_checkpoint(model, cfg.model.checkpoint)
-    else:
-        bb.redraw_zero_initialised_convs(model)
-    return model, diffusion
+    if key not in _EXTRACTOR_CACHE:
+        _EXTRACTOR_CACHE.clear()
+        extractor = cfg.model.extractor()
+        extractor.build(device, cfg.model.checkpoint, cfg.model.init_seed)
+        _EXTRACTOR_CACHE[key] = extractor
+    return _EXTRACTOR_CACHE[key]

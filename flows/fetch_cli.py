@@ -158,11 +158,15 @@ def require_assets(cfg: Any) -> None:
     preset = cfg.dataset.preset
     if preset is None or preset not in DATASET_PRESETS:
         return
+    from pipeline.extractors import extractor_class
+
     checkpoint = cfg.model.checkpoint
-    default_name = DATASET_PRESETS[preset]["checkpoint"]
+    default = Path(extractor_class(cfg.model.kind).default_checkpoint(DATASET_PRESETS[preset]["checkpoint"]))
+    default_name, family = default.name, default.parent.name  # checkpoints/<kind>/<file>
     if checkpoint is not None and not Path(checkpoint).exists() and Path(checkpoint).name == default_name:
+        asset = default.stem if family == "ddpm" else f"{family}/{default.stem}"
         raise AssetError(f"model.checkpoint {checkpoint} not found: run `ddpmseg fetch checkpoint "
-                         f"{Path(default_name).stem}` (or place the official {default_name} there)")
+                         f"{asset}` (or place the official {default_name} there)")
     for key in ("train_dir", "test_dir"):
         folder = Path(getattr(cfg.dataset, key))
         if not folder.exists() and folder.parent.name == "real" and folder.parent.parent.name == preset:

@@ -36,31 +36,26 @@ class ImageRef:
 
 
 def backbone_fingerprint(cfg: ExperimentConfig) -> dict[str, Any]:
-    if cfg.model.kind == "rgb":
-        return {"kind": "rgb", "image_size": cfg.image_size}
-    flags = cfg.model.full_flags()
-    if cfg.model.checkpoint is None:
-        weights = {"random_init_seed": cfg.model.init_seed, "zero_convs_redrawn": True}
-    else:
+    """The extractor's fingerprint: kind, flags and the weights (checkpoint sha256, or the random-init seed)."""
+    extractor = cfg.model.extractor()
+    checkpoint_sha256 = None
+    if extractor.uses_weights and cfg.model.checkpoint is not None:
         path = Path(cfg.model.checkpoint)
         if not path.is_file():
             raise bb.BackboneError(f"{path}: checkpoint not found (model.checkpoint)")
-        weights = {"checkpoint_sha256": file_digest(path)}
-    return {"weights": weights, "flags": flags}
+        checkpoint_sha256 = file_digest(path)
+    return extractor.fingerprint(checkpoint_sha256, cfg.model.init_seed)
 
 
 def backbone_tag(cfg: ExperimentConfig) -> str:
-    if cfg.model.kind == "rgb":
-        name = "rgb"
-    else:
-        name = Path(cfg.model.checkpoint).stem if cfg.model.checkpoint else f"random{cfg.model.init_seed}"
+    """The store's readable backbone name: '<checkpoint stem or kind>-<12 hex of the fingerprint>'."""
+    name = cfg.model.extractor().tag_name(cfg.model.checkpoint, cfg.model.init_seed)
     return f"{name}-{digest(backbone_fingerprint(cfg))[:12]}"
 
 
 def feature_spec(cfg: ExperimentConfig) -> dict[str, Any]:
-    f = cfg.features
-    return {"share_noise": f.share_noise, "noise_seed": f.seed, "noise_generator": f.noise_generator,
-            "input_activations": f.input_activations, "image_size": cfg.image_size}
+    """The activation settings that change the maps (for ddpm: the noise too)."""
+    return cfg.model.extractor().feature_spec(cfg.features)
 
 
 def train_views(cfg: ExperimentConfig) -> list[tuple[str, int, list]]:

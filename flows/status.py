@@ -19,6 +19,7 @@ _SHORT = 10
 _LABELS = {
     "backbone.weights.checkpoint_sha256": "checkpoint bytes",
     "backbone.weights.random_init_seed": "model.init_seed",
+    "backbone.kind": "model.kind",
     "features.noise_seed": "features.seed",
 }
 

@@ -45,7 +45,7 @@ from flows import train as train_stage
 from pipeline import predict
 from pipeline import threads
 from pipeline import analysis, metrics
-from pipeline.config import ConfigError, ExperimentConfig, config_to_dict, num_output_blocks
+from pipeline.config import ConfigError, ExperimentConfig, config_to_dict
 from pipeline.progress import labelled, progress_bar
 from storage import artifacts
 from storage.features import FeatureStore
@@ -61,18 +61,15 @@ _TRAIN_LOCK = threading.Lock()  # train_member seeds torch's global RNG: one tra
 
 # -- configs and keys --------------------------------------------------------------------------------------------
 def check_blocks_steps(cfg: ExperimentConfig, blocks: Sequence[int], steps: Sequence[int]) -> None:
-    """ConfigError naming --blocks / --steps when a block is outside the model or a step outside the schedule."""
-    flags = cfg.model.full_flags()
-    n_blocks, n_steps = num_output_blocks(flags), int(flags["diffusion_steps"])
+    """ConfigError naming --blocks / --steps when a block is outside the model or a step outside the schedule
+    (the config's extractor decides; kinds without timesteps have the single pseudo-step 0)."""
     if not blocks or not steps:
         raise ConfigError(f"--blocks / --steps: nothing to sweep (blocks {list(blocks)}, steps {list(steps)})")
-    for b in blocks:
-        if not 0 <= b < n_blocks:
-            raise ConfigError(f"--blocks: block {b} is outside the model; allowed 0..{n_blocks - 1} "
-                              f"({n_blocks} output blocks)")
-    for t in steps:
-        if not 0 <= t < n_steps:
-            raise ConfigError(f"--steps: timestep {t} is outside [0, {n_steps}) (model.flags.diffusion_steps)")
+    try:
+        cfg.model.extractor().check_features(list(steps), list(blocks))
+    except ValueError as err:
+        raise ConfigError(str(err).replace("features.blocks:", "--blocks:").replace("features.steps:", "--steps:")) \
+            from None
 
 
 def _with(cfg: ExperimentConfig, **sections: dict[str, Any]) -> ExperimentConfig:
@@ -337,7 +334,7 @@ def run_sweep(cfg: ExperimentConfig, store_url: str | None = None, blocks: Seque
               size_threshold: float | None = None, out_dir: str | Path | None = None, workers: int = 1,
               progress: bool = True) -> dict[str, Any]:
     """Run the sweep flow. Default blocks: every output block of the model; default steps: the config's."""
-    blocks = list(blocks) if blocks is not None else list(range(num_output_blocks(cfg.model.full_flags())))
+    blocks = list(blocks) if blocks is not None else list(range(cfg.model.extractor().num_layers()))
     steps = list(steps) if steps is not None else list(cfg.features.steps)
     check_blocks_steps(cfg, blocks, steps)
     if members < 1 or epochs < 1:
@@ -409,7 +406,7 @@ def run_clusters(cfg: ExperimentConfig, store_url: str | None = None, blocks: Se
                  split: str = "test", out_dir: str | Path | None = None, workers: int = 1,
                  progress: bool = True) -> dict[str, Any]:
     """Run the clusters flow. Default blocks: every output block; default steps: the config's."""
-    blocks = sorted(blocks) if blocks is not None else list(range(num_output_blocks(cfg.model.full_flags())))
+    blocks = sorted(blocks) if blocks is not None else list(range(cfg.model.extractor().num_layers()))
     steps = list(steps) if steps is not None else list(cfg.features.steps)
     check_blocks_steps(cfg, blocks, steps)
     if k < 2 or images < 1:

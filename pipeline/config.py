@@ -3,6 +3,7 @@
     recipe: paper                      # paper | improved
     dataset: {preset: ffhq_34, train_dir: data/train, test_dir: data/test}
     model: {checkpoint: checkpoints/ddpm/ffhq.pt, flags: {...}}   # flags default to the official 256x256 ones
+                                       # kind: ddpm (default) | rgb | mae | swav | swav_w2 (pipeline/extractors)
     features: {steps: [50, 150, 250], blocks: [5, 6, 7, 8, 12]}
     classifier: {model_num: 10, batch_size: 64, lr: 0.001}
     evaluation: {}
@@ -11,9 +12,11 @@
 
 Relative paths are resolved against the directory of the config file. A preset's defaults: with neither
 dataset.train_dir nor test_dir, datasets/<preset>/real/{train,test}; without model.checkpoint,
-checkpoints/ddpm/<its checkpoint>; each beside the config file when it exists there (the official repository's
-layout), else in the cache `ddpmseg fetch` fills (pipeline/fetched.py). Unknown keys, wrong types, a block
-outside the model and a timestep outside [0, diffusion_steps) are `ConfigError`s naming the key and the range.
+checkpoints/<kind>/<its checkpoint> (.pth for mae / swav / swav_w2); each beside the config file when it exists
+there (the official repository's layout), else in the cache `ddpmseg fetch` fills (pipeline/fetched.py). Unknown
+keys, wrong types, a block outside the model and a timestep outside [0, diffusion_steps) are `ConfigError`s naming
+the key and the range.
+What a kind accepts (its flags, layers, steps, defaults) comes from its extractor (pipeline/extractors).
 """
 from __future__ import annotations
 
@@ -31,11 +34,13 @@ from pipeline import fetched
 from pipeline.augment import STUDY_TRAIN_TRANSFORMS, STUDY_TTA_VIEWS, TransformSpec
 from pipeline.backbone import OFFICIAL_MODEL_FLAGS
 from pipeline.classifier import MIN_BATCH_SIZE, MIN_EPOCHS, OPTIMIZERS
+from pipeline.extractors import KINDS, FeatureExtractor, create_extractor, extractor_class
+from pipeline.extractors import base as extractor_base
+from pipeline.extractors.ddpm import num_output_blocks as _num_output_blocks
 from pipeline.presets import DATASET_PRESETS, PAPER_BLOCKS, PAPER_STEPS
 
 #: The official 256x256 model flags (scripts/ddpm/train_interpreter.sh) on top of guided-diffusion's defaults.
 OFFICIAL_FLAGS: dict[str, Any] = dict(OFFICIAL_MODEL_FLAGS)
-_DEFAULT_CHANNEL_MULT = {512: 7, 256: 6, 128: 5, 64: 4}
 #: preset entries that are not dataset fields (see pipeline.presets.DATASET_PRESETS)
 _PRESET_NON_DATASET_KEYS = ("checkpoint", "reproduce")
 #: features.noise_generator -> the pipeline.backbone.make_noise mode that draws it
@@ -49,40 +54,13 @@ class ConfigError(ValueError):
 
 
 def coerce_flag(name: str, value: Any) -> Any:
-    """A model flag value of the type of its official default (bool, int, float or str); ConfigError naming
+    """A ddpm model flag value of the type of its official default (bool, int, float or str); ConfigError naming
     `model.flags.<name>` otherwise. Strings are parsed for non-string flags ('True', '256', '0.1'), as on the
     official command line; an int is accepted for a float flag."""
-    if name not in OFFICIAL_FLAGS:
-        raise ConfigError(f"model.flags: unknown flag {name!r}; allowed: {sorted(OFFICIAL_FLAGS)}")
-    default = OFFICIAL_FLAGS[name]
-    where = f"model.flags.{name}"
-    if isinstance(default, bool):
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false"):
-            return value.lower() == "true"
-        raise ConfigError(f"{where}: expected true/false, got {value!r}")
-    if isinstance(default, int):
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{where}: expected an integer, got {value!r}")
-    if isinstance(default, float):
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
-    if not isinstance(value, str):
-        raise ConfigError(f"{where}: expected a string (e.g. {default!r}), got {value!r}")
-    return value
+    try:
+        return extractor_base.coerce_flag(OFFICIAL_FLAGS, name, value)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 class _Strict(BaseModel):
@@ -129,36 +107,46 @@ class DatasetConfig(_Strict):
 
 class ModelConfig(_Strict):
     #: ddpm: a guided-diffusion UNet (checkpoint, or random_init for the `random-unet` baseline);
-    #: rgb: the `rgb` baseline, each pixel's colour and (y, x) coordinates (what a pixel MLP sees without a backbone)
-    kind: Literal["ddpm", "rgb"] = "ddpm"
+    #: rgb: the `rgb` baseline, each pixel's colour and (y, x) coordinates (what a pixel MLP sees without a backbone);
+    #: mae, swav, swav_w2: the paper's self-supervised baselines (MAE ViT-L/8, SwAV ResNet-50 / ResNet-50w2)
+    kind: Literal[KINDS] = "ddpm"
     checkpoint: str | None = None
     random_init: bool = False
     init_seed: int = 0
-    flags: dict[str, Any] = Field(default_factory=dict)
+    flags: dict[str, Any] = Field(default_factory=dict)  # the kind's architecture flags over its official ones
 
-    @field_validator("flags")
+    @model_validator(mode="before")
     @classmethod
-    def _check_flags(cls, flags: dict[str, Any]) -> dict[str, Any]:
-        unknown = sorted(set(flags) - set(OFFICIAL_FLAGS))
-        if unknown:
-            raise ValueError(f"unknown model flag(s) {unknown}; allowed: {sorted(OFFICIAL_FLAGS)}")
-        return {name: coerce_flag(name, value) for name, value in flags.items()}
+    def _check_flags(cls, data: Any) -> Any:
+        """The kind's extractor checks and coerces the flags (unknown names, wrong types)."""
+        if not isinstance(data, dict) or not isinstance(data.get("flags"), dict):
+            return data
+        kind = data.get("kind", "ddpm")
+        if kind not in KINDS:
+            return data  # reported by the kind field's own validation
+        return {**data, "flags": extractor_class(kind).check_flags(data["flags"])}
 
     @model_validator(mode="after")
     def _check(self) -> "ModelConfig":
-        if self.kind == "rgb":
+        if not extractor_class(self.kind).uses_weights:
             if self.checkpoint is not None or self.random_init:
-                raise ValueError("kind rgb uses no UNet: give neither checkpoint nor random_init")
+                raise ValueError(f"kind {self.kind} uses no network: give neither checkpoint nor random_init")
             return self
+        network = "UNet" if self.kind == "ddpm" else f"{self.kind} network"
         if self.checkpoint is None and not self.random_init:
-            raise ValueError("checkpoint is required (or set random_init: true for a randomly initialised UNet)")
+            raise ValueError(f"checkpoint is required (or set random_init: true for a randomly initialised {network})")
         if self.checkpoint is not None and self.random_init:
             raise ValueError("give either checkpoint or random_init: true, not both")
+        self.extractor()  # flags that cannot build the kind's network (e.g. a patch size that does not divide)
         return self
 
     def full_flags(self) -> dict[str, Any]:
-        """The official flags overridden by the config's flags."""
-        return {**OFFICIAL_FLAGS, **self.flags}
+        """The kind's official flags overridden by the config's flags."""
+        return {**extractor_class(self.kind).default_flags(), **self.flags}
+
+    def extractor(self) -> FeatureExtractor:
+        """The feature extractor of this model section (nothing built yet)."""
+        return create_extractor(self.kind, self.flags)
 
 
 class FeaturesConfig(_Strict):
@@ -287,12 +275,17 @@ class ExperimentConfig(_Strict):
 
     @model_validator(mode="before")
     @classmethod
-    def _rgb_has_one_map(cls, data: Any) -> Any:
-        """The rgb baseline has a single 'block' 0 (r, g, b, y, x) independent of the timestep: steps [0], blocks [0]."""
-        if isinstance(data, dict) and isinstance(data.get("model"), dict) and data["model"].get("kind") == "rgb":
+    def _kind_features(cls, data: Any) -> Any:
+        """The kind's feature defaults where the config leaves them out (mae: the last 12 encoder blocks; swav: every
+        other Bottleneck, input activations), and what the kind fixes: kinds without timesteps have the single
+        pseudo-step 0 (whatever features.steps says), the rgb baseline the single map 0."""
+        if isinstance(data, dict) and isinstance(data.get("model"), dict) and data["model"].get("kind") in KINDS:
+            kind_class = extractor_class(data["model"]["kind"])
             features = data.get("features") or {}
-            if isinstance(features, dict):
-                data = {**data, "features": {**features, "steps": [0], "blocks": [0]}}
+            flags = data["model"].get("flags") or {}
+            if isinstance(features, dict) and isinstance(flags, dict):
+                defaults = kind_class.feature_defaults(flags)
+                data = {**data, "features": {**defaults, **features, **kind_class.fixed_features()}}
         return data
 
     @model_validator(mode="before")
@@ -303,24 +296,16 @@ class ExperimentConfig(_Strict):
             if data.get("model") is not None and not isinstance(data["model"], dict):
                 return data  # a wrong type: reported by the field's own validation
             model = dict(data.get("model") or {})
+            kind = model.get("kind", "ddpm")
             if (isinstance(preset, str) and preset in DATASET_PRESETS and "checkpoint" not in model
-                    and not model.get("random_init") and model.get("kind", "ddpm") == "ddpm"):
-                model["checkpoint"] = f"checkpoints/ddpm/{DATASET_PRESETS[preset]['checkpoint']}"
+                    and not model.get("random_init") and kind in KINDS and extractor_class(kind).uses_weights):
+                model["checkpoint"] = extractor_class(kind).default_checkpoint(DATASET_PRESETS[preset]["checkpoint"])
             data = {**data, "model": model}
         return data
 
     @model_validator(mode="after")
     def _check_against_model(self) -> "ExperimentConfig":
-        flags = self.model.full_flags()
-        n_blocks = num_output_blocks(flags)
-        for b in self.features.blocks:
-            if not 0 <= b < n_blocks:
-                raise ValueError(f"features.blocks: block {b} is outside the model; allowed 0..{n_blocks - 1} "
-                                 f"({n_blocks} output blocks for image_size {flags['image_size']})")
-        steps = int(flags["diffusion_steps"])
-        for t in self.features.steps:
-            if not 0 <= t < steps:
-                raise ValueError(f"features.steps: timestep {t} is outside [0, {steps}) (model.flags.diffusion_steps)")
+        self.model.extractor().check_features(list(self.features.steps), list(self.features.blocks))
         for key in ("steps", "blocks"):
             values = getattr(self.features, key)
             if len(set(values)) != len(values):
@@ -365,17 +350,11 @@ def check_noise_device(cfg: ExperimentConfig, device: torch.device) -> None:
 
 
 def num_output_blocks(flags: dict[str, Any]) -> int:
-    """Number of decoder blocks (`model.output_blocks`) the flags build, without building the model."""
-    mult = flags.get("channel_mult", "")
-    if mult:
-        levels = len(str(mult).split(","))
-    else:
-        size = int(flags["image_size"])
-        if size not in _DEFAULT_CHANNEL_MULT:
-            raise ConfigError(f"model.flags.image_size {size} needs an explicit channel_mult "
-                              f"(defaults exist for {sorted(_DEFAULT_CHANNEL_MULT)})")
-        levels = _DEFAULT_CHANNEL_MULT[size]
-    return levels * (int(flags["num_res_blocks"]) + 1)
+    """Number of decoder blocks (`model.output_blocks`) the ddpm flags build, without building the model."""
+    try:
+        return _num_output_blocks(flags)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 _MAX_ERROR_LINES = 10
@@ -431,8 +410,9 @@ def parse_config(data: dict[str, Any], base_dir: str | Path = ".", source: str =
         cfg.dataset.train_dir = resolve(cfg.dataset.train_dir)
         cfg.dataset.test_dir = resolve(cfg.dataset.test_dir)
     if preset is not None and cfg.model.checkpoint is not None and "checkpoint" not in model_given:
+        default = Path(cfg.model.checkpoint)  # checkpoints/<kind>/<file>: the kind's official script's layout
         cfg.model.checkpoint = official_or_fetched(
-            cfg.model.checkpoint, fetched.checkpoint_path(DATASET_PRESETS[preset]["checkpoint"]))
+            cfg.model.checkpoint, fetched.checkpoint_path(default.name, family=default.parent.name))
     else:
         cfg.model.checkpoint = resolve(cfg.model.checkpoint)
     cfg.store = resolve(cfg.store)
@@ -486,8 +466,16 @@ def parse_model_flags(flag_string: str) -> dict[str, Any]:
     return flags
 
 
+def feature_channels(cfg: ExperimentConfig) -> int:
+    """Length of a pixel's feature vector for a config: the hooked layers' channels, for every step."""
+    shapes = cfg.model.extractor().layer_shapes(cfg.sorted_blocks, cfg.features.input_activations)
+    return len(cfg.features.steps) * sum(c for c, _, _ in shapes.values())
+
+
 def import_official(json_path: str | Path, model_flags: str | None = None) -> dict[str, Any]:
-    """Turn an official experiments/<name>/ddpm.json (+ the MODEL_FLAGS string) into our config mapping."""
+    """Turn an official experiments/<name>/{ddpm,mae,swav,swav_w2}.json (+ the MODEL_FLAGS string for ddpm) into
+    our config mapping. For mae / swav / swav_w2 (whose files list no steps and no blocks) the layers are the
+    official extractor's, and the feature length is checked against the file's `dim`."""
     json_path = Path(json_path)
     try:
         opts = json.loads(json_path.read_text())
@@ -502,8 +490,12 @@ def import_official(json_path: str | Path, model_flags: str | None = None) -> di
                       "testing_number", "steps", "blocks"} - set(opts))
     if missing:
         raise ConfigError(f"{json_path}: missing key(s) {missing}; an official ddpm.json has them all")
-    if opts.get("model_type", "ddpm") != "ddpm":
-        raise ConfigError(f"{json_path}: model_type {opts['model_type']!r} is not supported; expected 'ddpm'")
+    kind = opts.get("model_type", "ddpm")
+    if kind not in KINDS or not extractor_class(kind).uses_weights:
+        raise ConfigError(f"{json_path}: model_type {kind!r} is not supported; expected one of "
+                          f"{[k for k in KINDS if extractor_class(k).uses_weights]}")
+    if model_flags and kind != "ddpm":
+        raise ConfigError(f"{json_path}: --model-flags are guided-diffusion flags; model_type {kind!r} takes none")
     if opts.get("upsample_mode", "bilinear") != "bilinear":
         raise ConfigError(f"{json_path}: upsample_mode {opts['upsample_mode']!r}; only 'bilinear' is supported")
     category = opts.get("category")
@@ -518,17 +510,36 @@ def import_official(json_path: str | Path, model_flags: str | None = None) -> di
     if "dim" in opts and "image_size" not in flags:
         flags["image_size"] = int(opts["dim"][0])
     model: dict[str, Any] = {"checkpoint": opts["model_path"]}
+    if kind != "ddpm":
+        model = {"kind": kind, **model}
     if flags:
         model["flags"] = flags
-    return {
+    input_activations = bool(opts.get("input_activations", False))
+    if extractor_class(kind).uses_timesteps:
+        features: dict[str, Any] = {
+            "steps": list(opts["steps"]), "blocks": list(opts["blocks"]), "input_activations": input_activations,
+            "share_noise": bool(opts.get("share_noise", True)),
+        }
+    elif opts["steps"] or opts["blocks"]:
+        raise ConfigError(f"{json_path}: model_type {kind!r} with steps {opts['steps']} / blocks {opts['blocks']}; "
+                          f"the official {kind} extractor uses neither (expected empty lists)")
+    else:
+        features = {"blocks": extractor_class(kind).feature_defaults(flags)["blocks"],
+                    "input_activations": input_activations}
+    data = {
         "recipe": "paper",
         "seed": int(opts.get("seed", 0)),  # the official seed sets the noise and the MLPs
         "dataset": dataset,
         "model": model,
-        "features": {
-            "steps": list(opts["steps"]), "blocks": list(opts["blocks"]),
-            "input_activations": bool(opts.get("input_activations", False)),
-            "share_noise": bool(opts.get("share_noise", True)),
-        },
+        "features": features,
         "classifier": {"model_num": int(opts.get("model_num", 10)), "batch_size": int(opts.get("batch_size", 64))},
     }
+    if not extractor_class(kind).uses_timesteps and "dim" in opts:
+        try:
+            channels = feature_channels(parse_config(data, source=str(json_path)))
+        except ConfigError:
+            channels = None  # reported when the imported config is loaded
+        if channels is not None and channels != int(opts["dim"][-1]):
+            raise ConfigError(f"{json_path}: dim {opts['dim']} says {opts['dim'][-1]} channels per pixel; the "
+                              f"{kind} extractor's layers give {channels}")
+    return data

@@ -214,10 +214,3 @@ def sample_tables(tables: MapTables, slots: torch.Tensor, ys: torch.Tensor, xs: 
         offset += channels
     return result
 
-
-def rgb_features(x0: torch.Tensor) -> torch.Tensor:
-    """The rgb baseline's map: (B, 3, H, W) images in [-1, 1] -> (B, 5, H, W): r, g, b, y, x (coordinates in [-1, 1])."""
-    b, _, h, w = x0.shape
-    ys = torch.linspace(-1, 1, h).view(1, 1, h, 1).expand(b, 1, h, w)
-    xs = torch.linspace(-1, 1, w).view(1, 1, 1, w).expand(b, 1, h, w)
-    return torch.cat([x0.float(), ys, xs], dim=1)
