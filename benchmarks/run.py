@@ -195,7 +195,8 @@ def run_benchmarks(plan: Plan, workdir: Path, only: tuple[str, ...] = BENCHMARKS
 
         cli = run_cli(workdir / "cli")
         details["cli"] = cli["details"]
-        results["cli_help_s"], results["cli_status_s"] = cli["cli_help_s"], cli["cli_status_s"]
+        for key in ("cli_help_s", "cli_status_s", "cli_help_cpu_s", "cli_status_cpu_s"):
+            results[key] = cli[key]
 
     steps = [("synthetic store", synthetic_store, bool({"memory", "store", "throughput", "ensemble"} & set(only))),
              ("memory", memory_figure, "memory" in only), ("store", store_figure, "store" in only),

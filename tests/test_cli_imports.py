@@ -8,7 +8,7 @@ from benchmarks.cli import run_cli, time_command
 
 
 @pytest.mark.parametrize("args", [["--help"], ["run", "--help"], ["sweep", "--help"], ["config", "--help"],
-                                  ["store", "ls", "--help"]])
+                                  ["store", "ls", "--help"], ["config", "presets"]])
 def test_help_imports_neither_torch_nor_prefect(args):
     result = time_command(args, repeats=1)
     assert not {"torch", "prefect", "zarr", "dask"} & set(result["heavy_imports"]), result["heavy_imports"]

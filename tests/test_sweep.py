@@ -70,7 +70,7 @@ def test_sweep_bookkeeping_and_caching(tiny_experiment, prefect_server):
     assert record is not None and record["result"]["cells"] == 6
     table = latest_artifact(f"ddpmseg-{cfg.dataset.name}-sweep-table")  # published to Prefect too
     assert [(r["block"], r["step"]) for r in table] == [(int(r["block"]), int(r["step"])) for r in rows]
-    assert [r["miou"] for r in table] == pytest.approx([float(r["miou"]) for r in rows])
+    assert [r["miou"] for r in table] == pytest.approx([float(r["miou"]) for r in rows], abs=1e-3)
     summary_text = latest_artifact(f"ddpmseg-{cfg.dataset.name}-sweep-summary")
     assert f"mIoU {first['best']['miou']:.2f} (official)" in summary_text
 
