@@ -13,6 +13,8 @@ GOALS: dict[str, tuple[str, Any]] = {
     "noop_rerun_s": ("<= 10 s", lambda v: v <= 10),
     "ensemble_speedup_batched_vs_independent": (">= 1.5", lambda v: v >= 1.5),
     "ensemble_speedup_vs_official": (">= 1.5", lambda v: v >= 1.5),
+    "cli_help_s": ("<= 1.0 s (idle machine)", lambda v: v <= 1.0),
+    "cli_status_s": ("<= 2.0 s (idle machine)", lambda v: v <= 2.0),
 }
 
 

@@ -14,6 +14,7 @@ training) in the same run, on the same data:
 5. wall time of a second `ddpmseg run` of an unchanged small config, and how much of it is Prefect;
 6. member-pixels per second of 10 members trained batched vs one after another vs the official loop, and the
    batched step's FLOP/s against a plain matmul (benchmarks/ensemble.py).
+7. CLI start-up: `ddpmseg --help` and `ddpmseg status` on a demo-sized config, fresh processes (benchmarks/cli.py).
 
 Full: N = 2, 5, 10, 20, 40 for ours; official N = 1, 2 (+ 2, 3, 4 at one timestep for its slope); extraction
 8 images x 3 steps, 3 repetitions, and 1 image x 1 step with the real 552.8 M-parameter UNet; throughput on 4 images of 16384 labelled pixels; the no-op run also against a
@@ -40,7 +41,7 @@ from benchmarks import report  # noqa: E402
 from benchmarks.common import log, machine_info  # noqa: E402
 from benchmarks.geometry import MID_EXTRACTION, OFFICIAL_AT_64, REAL, TOY, TOY_EXTRACTION, Geometry  # noqa: E402
 
-BENCHMARKS = ("memory", "store", "extraction", "throughput", "noop", "ensemble")
+BENCHMARKS = ("memory", "store", "extraction", "throughput", "noop", "ensemble", "cli")
 DEFAULT_OUT = Path(__file__).resolve().parent / "results.md"
 
 
@@ -104,7 +105,8 @@ def run_benchmarks(plan: Plan, workdir: Path, only: tuple[str, ...] = BENCHMARKS
         "extraction_overhead_ratio_real_unet": None,
         "streaming_throughput_ratio": None, "noop_rerun_s": None,
         "ensemble_speedup_batched_vs_independent": None, "ensemble_speedup_vs_official": None,
-        "mlp_flops_utilisation": None, "errors": {},
+        "mlp_flops_utilisation": None, "cli_help_s": None, "cli_status_s": None,
+        "errors": {},
     }
     details = results["details"]
     # the images of figures 1-2 first, then the fully labelled ones of figures 4 and 6
@@ -188,11 +190,20 @@ def run_benchmarks(plan: Plan, workdir: Path, only: tuple[str, ...] = BENCHMARKS
         details["noop"] = nop
         results["noop_rerun_s"] = nop["noop_rerun_s"]
 
+    def cli_figure() -> None:
+        from benchmarks.cli import run_cli
+
+        cli = run_cli(workdir / "cli")
+        details["cli"] = cli["details"]
+        for key in ("cli_help_s", "cli_status_s", "cli_help_cpu_s", "cli_status_cpu_s"):
+            results[key] = cli[key]
+
     steps = [("synthetic store", synthetic_store, bool({"memory", "store", "throughput", "ensemble"} & set(only))),
              ("memory", memory_figure, "memory" in only), ("store", store_figure, "store" in only),
              ("extraction", extraction_figure, "extraction" in only),
              ("throughput", throughput_figure, "throughput" in only),
-             ("ensemble", ensemble_figure, "ensemble" in only), ("noop", noop_figure, "noop" in only)]
+             ("ensemble", ensemble_figure, "ensemble" in only), ("noop", noop_figure, "noop" in only),
+             ("cli", cli_figure, "cli" in only)]
     for name, run, wanted in steps:
         if not wanted:
             continue

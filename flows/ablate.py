@@ -11,6 +11,7 @@ from typing import Any
 
 from prefect import flow
 
+from flows import prefect_results
 from flows.segment import run_segment
 from pipeline.config import ExperimentConfig, config_to_dict, improved_defaults, load_config
 
@@ -41,13 +42,14 @@ def ablation_configs(cfg: ExperimentConfig, closing: bool = True) -> list[tuple[
     return out
 
 
-@flow(name="ablate")
+@flow(name="ablate", flow_run_name=prefect_results.ablate_run_name)
 def ablate(config_path: str, store_url: str | None = None, closing: bool = True,
            progress: bool = True) -> dict[str, Any]:
     cfg = load_config(config_path)
     rows = []
     for name, variant in ablation_configs(cfg, closing):
-        s = run_segment(variant, store_url, progress=progress, label=f"ablate {name}")
+        s = run_segment(variant, store_url, progress=progress, label=f"ablate {name}",
+                        name=f"{Path(config_path).stem}-{name}")
         rows.append({"row": name, "miou": s["miou"], "miou_standard": s["miou_standard"],
                      "unet_forwards": s["unet_forwards"], "members_trained": s["members_trained"],
                      "recomputed": [k for k, v in s["stages"].items() if v == "ran"]})
@@ -55,6 +57,8 @@ def ablate(config_path: str, store_url: str | None = None, closing: bool = True,
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "ablation.json").write_text(json.dumps(rows, indent=1))
     (out_dir / "ablation.md").write_text(format_table(rows))
+    prefect_results.publish_table(f"{Path(config_path).stem}-ablation", format_table(rows), rows,
+                                  "mIoU per ablation row")
     return {"rows": rows, "table_path": str(out_dir / "ablation.md"), "json_path": str(out_dir / "ablation.json")}
 
 

@@ -35,8 +35,8 @@ def _common(sp: argparse.ArgumentParser) -> None:
 
 def add_analysis_commands(subparsers: Any) -> None:
     """Add the `sweep` and `clusters` subcommands to an argparse subparsers object."""
-    from pipeline.analysis import SWEEP_DEFAULT_EPOCHS as DEFAULT_EPOCHS
-    from pipeline.analysis import SWEEP_DEFAULT_MEMBERS as DEFAULT_MEMBERS
+    from pipeline.presets import SWEEP_DEFAULT_EPOCHS as DEFAULT_EPOCHS
+    from pipeline.presets import SWEEP_DEFAULT_MEMBERS as DEFAULT_MEMBERS
 
     sp = subparsers.add_parser("sweep", help="mIoU of one classifier per (decoder block, timestep), from the cache: "
                                "CSV/JSON, heatmap, small/large objects plot")

@@ -97,10 +97,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    from pipeline.config import import_official, load_config, config_to_dict
     from pipeline.presets import DATASET_PRESETS
 
     if args.config_cmd == "import":
+        from pipeline.config import import_official
+
         data = import_official(args.json_file, args.model_flags)
         text = yaml.safe_dump(data, sort_keys=False)
         if args.out:
@@ -120,6 +121,8 @@ def cmd_config(args: argparse.Namespace) -> int:
             print(f"{kind:10s}  steps {s['steps']}  blocks {s['blocks']}  input_activations "
                   f"{str(s['input_activations']).lower()}  {s['channels']} channels  checkpoint {s['checkpoint'] or '-'}")
     elif args.config_cmd == "show":
+        from pipeline.config import config_to_dict, load_config
+
         print(yaml.safe_dump(config_to_dict(load_config(args.config)), sort_keys=False), end="")
     return 0
 

@@ -23,7 +23,7 @@ def prepare_split(cfg: ExperimentConfig, store: FeatureStore, split: str, write:
         image_id, label_hash = image_id_of(s.image), array_digest(s.label)[:20]
         if write and not store.view_committed(BASE_VIEW, image_id, label_hash):
             store.write_view(BASE_VIEW, image_id, s.image.numpy(), s.label, label_hash,
-                             {"image_size": cfg.image_size})
+                             {"image_size": cfg.image_size, "stem": s.image_path.stem, "split": split})
         refs.append(ImageRef(image_id, label_hash, s.image_path.stem))
     return refs
 
@@ -49,7 +49,8 @@ def prepare_views(cfg: ExperimentConfig, store: FeatureStore, base: list[ImageRe
             label_hash = array_digest(aug_label)[:20]
             if write and not store.view_committed(tag, ref.image_id, label_hash):
                 store.write_view(tag, ref.image_id, augment.from_uint8(aug_image), aug_label, label_hash,
-                                 {"image_size": cfg.image_size, "view_index": index, "base_label": ref.label_hash})
+                                 {"image_size": cfg.image_size, "view_index": index, "base_label": ref.label_hash,
+                                  "stem": ref.stem})
             refs.append(ImageRef(ref.image_id, label_hash, ref.stem, tag))
     return refs
 

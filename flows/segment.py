@@ -21,6 +21,7 @@ from flows import evaluate as evaluate_stage
 from flows import extract as extract_stage
 from flows import outputs
 from flows import prepare as prepare_stage
+from flows import prefect_results
 from flows import references
 from flows import stage_keys
 from flows import train as train_stage
@@ -132,11 +133,13 @@ def _call(task_fn, refresh: bool, summary: dict[str, Any], **kwargs) -> tuple[An
 
 
 def run_segment(cfg: ExperimentConfig, store_url: str | None = None, stages_to_run: tuple[str, ...] = ALL_STAGES,
-                progress: bool = True, parallel: bool = False, label: str = "") -> dict[str, Any]:
+                progress: bool = True, parallel: bool = False, label: str = "",
+                name: str | None = None) -> dict[str, Any]:
     """The body of the flow for an already-validated config (must run inside a flow).
 
     parallel: extraction per image batch and ensemble members as concurrent tasks (on a Dask cluster).
-    label: which run the progress bars belong to (e.g. "ddpm s0"), first on each bar."""
+    label: which run the progress bars belong to (e.g. "ddpm s0"), first on each bar.
+    name: of the evaluation's Prefect artifacts (default: the config file's stem, else the data set's name)."""
     config = config_to_dict(cfg)
     loc = StoreLocation.parse(store_url or cfg.store, read_only=cfg.store_read_only)
     store = FeatureStore(loc)
@@ -195,6 +198,8 @@ def run_segment(cfg: ExperimentConfig, store_url: str | None = None, stages_to_r
         result = outputs.evaluation_metrics(loc, eval_key.value)
         summary.update({k: result[k] for k in ("miou", "miou_standard", "pixel_accuracy", "uncertainty")})
         summary.update(outputs.write_outputs(cfg, store, result, summary))
+        name = name or (Path(cfg.source_path).stem if cfg.source_path else cfg.dataset.name)
+        prefect_results.publish_evaluation(name, summary, result)
 
     if all(v == "cached" for v in summary["stages"].values()):
         summary["message"] = "nothing to do: every stage is fresh (0 forwards, 0 members trained)"
@@ -202,7 +207,7 @@ def run_segment(cfg: ExperimentConfig, store_url: str | None = None, stages_to_r
     return summary
 
 
-@flow(name="segment")
+@flow(name="segment", flow_run_name=prefect_results.segment_run_name)
 def segment(config_path: str, store_url: str | None = None, stages_to_run: list[str] | None = None,
             progress: bool = True, read_only: bool = False, parallel: bool = False,
             label: str | None = None) -> dict[str, Any]:

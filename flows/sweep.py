@@ -39,6 +39,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 
 from flows import extract as extract_stage
+from flows import prefect_results
 from flows import prepare as prepare_stage
 from flows import stage_keys
 from flows import train as train_stage
@@ -216,7 +217,7 @@ def class_name(cfg: ExperimentConfig, c: int) -> str:
     return names[c] if names and c < len(names) else f"class {c}"
 
 
-@flow(name="sweep")
+@flow(name="sweep", flow_run_name=prefect_results.sweep_run_name)
 def sweep_flow(config: dict[str, Any], store_url: str, blocks: list[int], steps: list[int],
                members: int = DEFAULT_MEMBERS, epochs: int = DEFAULT_EPOCHS, size_threshold: float | None = None,
                out_dir: str | None = None, progress: bool = True) -> dict[str, Any]:
@@ -288,6 +289,11 @@ def sweep_flow(config: dict[str, Any], store_url: str, blocks: list[int], steps:
     summary.update(write_sweep_outputs(cfg, sweep_cells, groups, sorted(blocks), list(steps),
                                        Path(out_dir) if out_dir else Path(cfg.output_dir) / "sweep", summary))
     artifacts.write_record(loc, key, {k: v for k, v in summary.items() if k not in ("store",)})
+    rows = [c.row() for c in sweep_cells]
+    prefect_results.publish_table(
+        f"{cfg.dataset.name}-sweep", f"# Sweep: {cfg.dataset.name}\n\nbest: block {best.block}, t {best.step}, "
+        f"mIoU {best.miou:.2f} (official)\n\n" + prefect_results.markdown_table(rows), rows,
+        "mIoU of one classifier per (block, t)")
     return summary
 
 

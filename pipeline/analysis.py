@@ -158,8 +158,7 @@ def cluster_map(fmap: np.ndarray | torch.Tensor, k: int, seed: int, size: int, n
 
 
 # -- sweep bookkeeping -------------------------------------------------------------------------------------------
-SWEEP_DEFAULT_MEMBERS = 1  # a lighter classifier per (block, step) than the paper's 10-member ensemble
-SWEEP_DEFAULT_EPOCHS = 5  # the official early stop ends training in the fifth epoch in practice
+from pipeline.presets import SWEEP_DEFAULT_EPOCHS, SWEEP_DEFAULT_MEMBERS  # noqa: E402,F401 - defined without torch
 
 
 @dataclass

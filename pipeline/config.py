@@ -28,7 +28,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from pipeline import fetched
 from pipeline.augment import STUDY_TRAIN_TRANSFORMS, STUDY_TTA_VIEWS, TransformSpec
@@ -246,6 +246,12 @@ class ExperimentConfig(_Strict):
     store: str = "ddpmseg-store"
     store_read_only: bool = False  # consumers of a shared store: any stage that would need writing is an error
     output_dir: str | None = None
+    _source_path: str | None = PrivateAttr(default=None)  # the YAML file it was loaded from (load_config)
+
+    @property
+    def source_path(self) -> str | None:
+        """The absolute path of the YAML file this config was loaded from; None when built from a mapping."""
+        return self._source_path
 
     @model_validator(mode="before")
     @classmethod
@@ -429,7 +435,9 @@ def load_config(path: str | Path) -> ExperimentConfig:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    return parse_config(data, base_dir=path.parent, source=str(path))
+    cfg = parse_config(data, base_dir=path.parent, source=str(path))
+    cfg._source_path = str(path.resolve())
+    return cfg
 
 
 def config_to_dict(cfg: ExperimentConfig) -> dict[str, Any]:

@@ -121,3 +121,8 @@ PUBLISHED_MIOU: dict[str, dict[str, tuple[float, float | None]]] = {
     "celeba_19": {"paper": (59.9, 1.0)},
     "ade_bedroom_30": {"paper": (34.6, 1.7)},
 }
+
+# The sweep's lighter classifier per (block, step) (pipeline.analysis, `ddpmseg sweep` defaults): here, in a module
+# without imports, so the command line's help shows them without loading torch.
+SWEEP_DEFAULT_MEMBERS = 1  # a lighter classifier per (block, step) than the paper's 10-member ensemble
+SWEEP_DEFAULT_EPOCHS = 5  # the official early stop ends training in the fifth epoch in practice

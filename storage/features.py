@@ -3,10 +3,11 @@
 Layout (a plain zarr v3 hierarchy; open any array with `zarr.open_group(root)[path]`):
 
     <root>/
-      views/<view>/<image_id>/input      (3, H, W) float32   the exact model input, in [-1, 1]
+      views/<view>/<image_id>/input      (3, H, W) float32   the exact model input, in [-1, 1]; its attributes
+                                                              name the image: stem (file name) and split
       views/<view>/<image_id>/label-<hash> (H, W) uint8     its label (after the view's transform)
       features/<backbone>/<view>/t<TTTT>-<spec>/<image_id>/b<BB>
-                                         (1, C, h, w) float16  dims (image, channel, y, x)
+                                         (1, C, h, w) float16  dims (image, channel_bBB, y_bBB, x_bBB)
       models/<members key>/member_<MM>   (n,) uint8            a classifier member's bytes (storage.artifacts)
       evaluations/<evaluate key>/masks   (N, H, W) uint8       (storage.artifacts)
       evaluations/<evaluate key>/metrics                       group: the metrics in its attributes
@@ -57,6 +58,13 @@ CHUNK_KEY_ENCODING = {"name": "default", "separator": "."}
 # A writer killed between its chunks and its commit leaves a directory without zarr.json (see _write_arrays):
 # not an array, as intended; zarr warns about it on every listing of the image's group.
 warnings.filterwarnings("ignore", message="Object at .* is not recognized as a component of a Zarr hierarchy")
+
+
+def block_dims(block: int) -> tuple[str, str, str, str]:
+    """Dimension names of a block's array: per block, because blocks differ in channels and size and xarray
+    requires one size per dimension name in a group (`xr.open_zarr` on an image's group). Stores written before
+    named every block (image, channel, y, x); readers here go by position, so both read the same."""
+    return ("image", f"channel_b{block:02d}", f"y_b{block:02d}", f"x_b{block:02d}")
 
 
 class StoreError(RuntimeError):
@@ -386,7 +394,7 @@ class FeatureStore:
         arrays = {}
         for block, fmap in sorted(maps.items()):
             half = to_float16(fmap, f"{unit.path} image {image_id} block {block}")[None]
-            arrays[f"b{block:02d}"] = (half, ("image", "channel", "y", "x"), {"block": block, "t": unit.t})
+            arrays[f"b{block:02d}"] = (half, block_dims(block), {"block": block, "t": unit.t})
         if arrays:
             self._write_arrays(f"{unit.path}/{image_id}", arrays)
         return sum(half.nbytes for half, _, _ in arrays.values())

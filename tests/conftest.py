@@ -66,3 +66,19 @@ def tiny_experiment(tmp_path):
         return write_tiny_experiment(tmp_path / f"exp{next(counter)}", **overrides)
 
     return make
+
+
+def latest_artifact(key: str):
+    """The newest Prefect artifact with this key on the test server (its data: a str, or rows for tables)."""
+    import json
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
+                                      sort=ArtifactSort.CREATED_DESC, limit=1)
+    assert found, f"no Prefect artifact with key {key!r}"
+    data = found[0].data
+    return json.loads(data) if isinstance(data, str) and found[0].type == "table" else data

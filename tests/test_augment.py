@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.conftest import latest_artifact
 import yaml
 
 from flows import prepare as prepare_stage
@@ -164,3 +166,6 @@ def test_ablate_writes_a_table_with_every_row(tiny_experiment, prefect_server, c
     assert rows[4]["unet_forwards"] == 0 and rows[4]["members_trained"] == 0  # closing: evaluation only
     table = Path(out["table_path"]).read_text()
     assert table.count("\n") == 2 + 5 and "+TTA" in table
+    assert latest_artifact(f"ddpmseg-{config.stem}-ablation-summary") == table  # published to Prefect too
+    published = latest_artifact(f"ddpmseg-{config.stem}-ablation-table")
+    assert [(r["row"], r["miou"]) for r in published] == [(r["row"], pytest.approx(r["miou"])) for r in rows]

@@ -67,7 +67,7 @@ def test_features_round_trip_as_float16_one_chunk_per_image_and_block(store):
         assert meta["data_type"] == "float16"
         codecs = [c["name"] for c in meta["codecs"]]
         assert "zstd" in codecs and "crc32c" in codecs
-        assert meta["dimension_names"] == ["image", "channel", "y", "x"]
+        assert meta["dimension_names"] == ["image", f"channel_b{b:02d}", f"y_b{b:02d}", f"x_b{b:02d}"]
         assert meta["attributes"]["block"] == b and meta["attributes"]["t"] == 50
         assert meta["attributes"]["committed"]
     assert store.root[UNIT.path].attrs["provenance"] == {"backbone": "abc", "t": 50}
@@ -81,7 +81,7 @@ def test_documented_layout_opens_with_plain_zarr(store, tmp_path):
     arr = root[f"features/tiny-0123456789ab/base/t0050-noise0/{IMAGE}/b08"]
     assert isinstance(arr, zarr.Array)
     np.testing.assert_allclose(arr[0].astype(np.float32), maps[8], rtol=1e-3, atol=1e-3)
-    assert arr.metadata.dimension_names == ("image", "channel", "y", "x")
+    assert arr.metadata.dimension_names == ("image", "channel_b08", "y_b08", "x_b08")  # per block: xarray opens it
     assert [path for path, _ in store.iter_units()] == [UNIT.path]
 
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.conftest import latest_artifact
 from PIL import Image
 
 from flows import sweep
@@ -66,6 +68,11 @@ def test_sweep_bookkeeping_and_caching(tiny_experiment, prefect_server):
     loc = StoreLocation.parse(first["store"])
     record = artifacts.read_record(loc, "sweep", first["sweep_key"])
     assert record is not None and record["result"]["cells"] == 6
+    table = latest_artifact(f"ddpmseg-{cfg.dataset.name}-sweep-table")  # published to Prefect too
+    assert [(r["block"], r["step"]) for r in table] == [(int(r["block"]), int(r["step"])) for r in rows]
+    assert [r["miou"] for r in table] == pytest.approx([float(r["miou"]) for r in rows], abs=1e-3)
+    summary_text = latest_artifact(f"ddpmseg-{cfg.dataset.name}-sweep-summary")
+    assert f"mIoU {first['best']['miou']:.2f} (official)" in summary_text
 
     again = sweep.run_sweep(cfg, blocks=[2, 3, 4], steps=[50, 150], epochs=1, progress=False)
     assert (again["unet_forwards"], again["classifiers_trained"], again["cells_evaluated"]) == (0, 0, 0)
