@@ -1,13 +1,14 @@
 """`ddpmseg reproduce`: run a paper preset over several seeds and compare with the published mIoU.
 
-    ddpmseg reproduce PRESET... [--seeds 0,1,2] [--recipe paper|improved] [--out DIR] [--store URL] [--json]
+    ddpmseg reproduce PRESET... [--seeds 0,1,2] [--recipe paper|improved] [--model ddpm|mae|swav|swav_w2]
+                      [--out DIR] [--store URL] [--json]
 
 For each preset: fetch what is missing (its checkpoint, the data set archive), write one experiment config per
 seed under DIR/configs/ and run it with the segment flow (`ddpmseg run`), all seeds on one feature store. A seed sets
 the shared noise (`features.seed`) and the MLP seeds (`classifier.seed`), as `--seed` does in the official
 train_interpreter.py, so each seed extracts its own features. The table compares ours (mean ± population std over
-the seeds, official mIoU in %) with the paper's DDPM row (value ± its published spread) and, for
-`--recipe improved`, with the later study's improved figure; written to DIR/reproduce.md, DIR/reproduce.json and
+the seeds, official mIoU in %) with the paper's row of the model (DDPM, or with `--model` the MAE / SwAV baselines:
+value ± its published spread) and, for `--recipe improved`, with the later study's improved figure; written to DIR/reproduce.md, DIR/reproduce.json and
 DIR/report.html.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any, Callable, Sequence
 import yaml
 
 RECIPES = ("paper", "improved")
+MODELS = ("ddpm", "mae", "swav", "swav_w2")  # model.kind values with published figures
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -30,9 +32,10 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def reproduce_config(preset: str, seed: int, recipe: str, store: str, output_dir: str) -> dict[str, Any]:
-    """The experiment of one (preset, seed): the preset's defaults (data set and checkpoint as fetched), the recipe,
-    the seed in features.seed and classifier.seed, and the preset's own "reproduce" sections, if any."""
+def reproduce_config(preset: str, seed: int, recipe: str, store: str, output_dir: str,
+                     model: str = "ddpm") -> dict[str, Any]:
+    """The experiment of one (preset, seed): the preset's defaults (data set and the model's checkpoint as fetched),
+    the recipe, the seed in features.seed and classifier.seed, and the preset's own "reproduce" sections, if any."""
     from pipeline.presets import DATASET_PRESETS
 
     if preset not in DATASET_PRESETS:
@@ -41,8 +44,12 @@ def reproduce_config(preset: str, seed: int, recipe: str, store: str, output_dir
         raise ConfigError(f"unknown preset {preset!r}; expected one of {sorted(DATASET_PRESETS)}")
     if recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; expected one of {RECIPES}")
+    if model not in MODELS:
+        raise ValueError(f"unknown model {model!r}; expected one of {MODELS}")
     cfg: dict[str, Any] = {"recipe": recipe, "dataset": {"preset": preset}, "features": {"seed": seed},
                            "classifier": {"seed": seed}, "store": store, "output_dir": output_dir}
+    if model != "ddpm":
+        cfg["model"] = {"kind": model}  # the kind's official features and default checkpoint (pipeline/extractors)
     return _merge(cfg, DATASET_PRESETS[preset].get("reproduce", {}))
 
 
@@ -54,7 +61,7 @@ def fetch_missing(config_path: Path, progress: bool = True) -> list[str]:
     cfg = load_config(config_path)
     names = []
     if cfg.model.checkpoint is not None and not Path(cfg.model.checkpoint).exists():
-        names += checkpoint_names([cfg.dataset.preset])
+        names += checkpoint_names([cfg.dataset.preset], family=cfg.model.kind)  # ddpm, mae, swav, swav_w2
     if not Path(cfg.dataset.train_dir).exists() or not Path(cfg.dataset.test_dir).exists():
         names.append("datasets")
     fetch_assets(names, progress=progress)
@@ -62,22 +69,25 @@ def fetch_missing(config_path: Path, progress: bool = True) -> list[str]:
     return names
 
 
-def compare(preset: str, recipe: str, per_seed: dict[int, float]) -> dict[str, Any]:
-    """One row of the table: ours (mean, population std over seeds) against the published figures."""
+def compare(preset: str, recipe: str, per_seed: dict[int, float], model: str = "ddpm") -> dict[str, Any]:
+    """One row of the table: ours (mean, population std over seeds) against the published figures of `model`
+    (the paper's DDPM row, or its MAE / SwAV baseline row)."""
     from pipeline.presets import PUBLISHED_MIOU
 
     values = list(per_seed.values())
     mean = statistics.fmean(values)
     std = statistics.pstdev(values) if len(values) > 1 else 0.0
     published = PUBLISHED_MIOU.get(preset, {})
-    row: dict[str, Any] = {"preset": preset, "recipe": recipe, "seeds": list(per_seed), "per_seed": per_seed,
+    row: dict[str, Any] = {"preset": preset, "recipe": recipe, "model": model, "seeds": list(per_seed),
+                           "per_seed": per_seed,
                            "miou": mean, "miou_std": std, "paper": None, "paper_pm": None, "diff_paper": None,
                            "within_paper": None}
-    if "paper" in published:
-        value, pm = published["paper"]
+    paper_row = "paper" if model == "ddpm" else model
+    if paper_row in published:
+        value, pm = published[paper_row]
         row.update(paper=value, paper_pm=pm, diff_paper=mean - value,
                    within_paper=None if pm is None else abs(mean - value) <= pm)
-    if recipe == "improved":
+    if recipe == "improved" and model == "ddpm":
         value = published.get("improved", (None, None))[0]
         row.update(study_improved=value, diff_study=None if value is None else mean - value)
     return row
@@ -94,7 +104,9 @@ def _within(value: bool | None) -> str:
 def table_rows(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     """(columns, cells) of the comparison table, shared by the terminal, markdown and HTML outputs."""
     improved = any(r["recipe"] == "improved" for r in rows)
-    columns = ["preset", "recipe", "seeds", "ours (mean ± std)", "paper (DDPM)", "difference", "within paper ±"]
+    models = sorted({r.get("model", "ddpm") for r in rows})
+    columns = ["preset", "recipe", "seeds", "ours (mean ± std)", f"paper ({', '.join(models).upper()})", "difference",
+               "within paper ±"]
     if improved:
         columns += ["study (improved)", "difference vs study"]
     cells = []
@@ -125,13 +137,13 @@ def format_markdown(rows: list[dict[str, Any]]) -> str:
 
 
 _NOTE = ("official mIoU (%); ours: mean ± population std over the seeds (each seed sets the shared noise and the MLP "
-         "seeds); paper: the DDPM row of the paper's table with its published ±; within paper ±: |ours − paper| ≤ "
-         "the published ±; study (improved): the later study's figure for its improved recipe (published without ±).")
+         "seeds); paper: the model's row of the paper's table (DDPM, or the MAE / SwAV baseline) with its published "
+         "±; within paper ±: |ours − paper| ≤ the published ±; study (improved): the later study's figure for its improved recipe (published without ±).")
 
 
 def run_reproduce(presets: Sequence[str], seeds: Sequence[int] = (0, 1, 2), recipe: str = "paper",
                   out: str | Path = "ddpmseg-reproduce", store: str | None = None, progress: bool = True,
-                  run: Callable[[Path], dict[str, Any]] | None = None) -> dict[str, Any]:
+                  run: Callable[[Path], dict[str, Any]] | None = None, model: str = "ddpm") -> dict[str, Any]:
     """Fetch, run every (preset, seed), write the comparison; returns {"rows", "table_path", "json_path",
     "report_path", ...}. run: how one config is run (default flows.runner.run_config)."""
     from pipeline import report
@@ -150,8 +162,10 @@ def run_reproduce(presets: Sequence[str], seeds: Sequence[int] = (0, 1, 2), reci
     for preset in presets:
         per_seed: dict[int, float] = {}
         for seed in seeds:
-            path = out / "configs" / f"{preset}-{recipe}-s{seed}.yaml"
-            cfg = reproduce_config(preset, seed, recipe, store_url, str(out / "runs" / preset / recipe / f"s{seed}"))
+            name = recipe if model == "ddpm" else f"{model}-{recipe}"
+            path = out / "configs" / f"{preset}-{name}-s{seed}.yaml"
+            cfg = reproduce_config(preset, seed, recipe, store_url, str(out / "runs" / preset / name / f"s{seed}"),
+                                   model=model)
             path.write_text(yaml.safe_dump(cfg, sort_keys=False))
             fetch_missing(path, progress=progress)
             run_started = time.perf_counter()
@@ -162,7 +176,7 @@ def run_reproduce(presets: Sequence[str], seeds: Sequence[int] = (0, 1, 2), reci
                          "unet_forwards": summary.get("unet_forwards", 0),
                          "members_trained": summary.get("members_trained", 0),
                          "wall_s": time.perf_counter() - run_started})
-        rows.append(compare(preset, recipe, per_seed))
+        rows.append(compare(preset, recipe, per_seed, model=model))
     table_path = out / "reproduce.md"
     table_path.write_text(format_markdown(rows) + "\n" + _NOTE + "\n")
     result = {"rows": rows, "runs": runs, "recipe": recipe, "seeds": list(seeds), "store": store_url,
@@ -210,6 +224,9 @@ def add_reproduce_command(subparsers: Any) -> None:
     sp.add_argument("--seeds", type=seed_list, default=[0, 1, 2], help="seeds, e.g. 0,1,2 (default)")
     sp.add_argument("--recipe", choices=RECIPES, default="paper",
                     help="paper (the official behaviour, default) or improved (the later study's recipe)")
+    sp.add_argument("--model", choices=MODELS, default="ddpm",
+                    help="feature extractor (model.kind): ddpm (default) or the paper's baselines mae, swav "
+                         "(ResNet-50), swav_w2 (ResNet-50w2); compared with that model's published row")
     sp.add_argument("--out", default="ddpmseg-reproduce", help="output directory (default ./ddpmseg-reproduce)")
     sp.add_argument("--store", help="feature store for every run: a directory or s3://bucket/prefix "
                                     "(default DIR/store)")
@@ -222,7 +239,7 @@ def cmd_reproduce(args: Any) -> int:
     from flows.runner import prefect_defaults, store_url
 
     prefect_defaults()
-    result = run_reproduce(args.presets, seeds=args.seeds, recipe=args.recipe, out=args.out,
+    result = run_reproduce(args.presets, seeds=args.seeds, recipe=args.recipe, out=args.out, model=args.model,
                            store=store_url(args.store) if args.store else None, progress=not args.quiet)
     if args.json:
         print(json.dumps(result, sort_keys=True))

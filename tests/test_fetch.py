@@ -399,3 +399,23 @@ def test_comparison_rows_for_both_recipes():
 def test_reproduce_unknown_preset_is_a_user_error(tmp_path, capsys):
     assert main(["reproduce", "ffhq_35", "--out", str(tmp_path / "r")]) == 2
     assert "unknown preset 'ffhq_35'" in capsys.readouterr().err
+
+
+def test_reproduce_baselines_compare_with_their_own_published_rows():
+    """--model mae|swav|swav_w2: the config runs that extractor on the preset (its default checkpoint, fetched as
+    <kind>/<name>) and the row compares with that model's published figure, not the DDPM one."""
+    from flows.reproduce import compare, format_table, reproduce_config
+    from pipeline.config import parse_config
+
+    cfg = reproduce_config("ffhq_34", 1, "paper", "store", "out", model="mae")
+    assert cfg["model"] == {"kind": "mae"} and cfg["features"]["seed"] == cfg["classifier"]["seed"] == 1
+    parsed = parse_config({**cfg, "dataset": {"preset": "ffhq_34", "train_dir": "a", "test_dir": "b"}})
+    assert parsed.model.kind == "mae" and parsed.features.steps == [0]
+    assert Path(parsed.model.checkpoint).parts[-2:] == ("mae", "ffhq.pth")
+    row = compare("ffhq_34", "paper", {0: 58.0, 1: 59.0}, model="mae")
+    assert (row["model"], row["paper"], row["paper_pm"]) == ("mae", 58.8, 1.1) and row["within_paper"] is True
+    assert compare("horse_21", "paper", {0: 54.0}, model="swav_w2")["paper"] == 54.0
+    assert compare("horse_21", "paper", {0: 54.0}, model="swav")["paper"] == 51.7
+    assert "paper (MAE)" in format_table([row]).splitlines()[0]
+    with pytest.raises(ValueError, match="unknown model"):
+        reproduce_config("ffhq_34", 0, "paper", "store", "out", model="vit")
