@@ -408,5 +408,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             os.environ["DDPMSEG_DEBUG"] = debug_before
 
 
+def entry() -> None:
+    """The `ddpmseg` executable: main(), then exit with its code. After a user error (said in one line) the process
+    ends without what failed library calls leave behind (e.g. s3fs coroutines that never ran, collected at exit:
+    "Exception ignored in ..."); DDPMSEG_DEBUG=1 keeps them."""
+    code = main()
+    if code == EXIT_USER_ERROR and not debug_enabled():
+        sys.unraisablehook = lambda unraisable: None
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
