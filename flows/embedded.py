@@ -74,11 +74,16 @@ def bind_server_to_this_process() -> None:
 
 
 class _RunFailures(logging.Filter):
-    """Drops ERROR records of Prefect's flow-run and task-run loggers (a failed run, with its traceback)."""
+    """Drops ERROR records of Prefect's flow-run and task-run loggers (a failed run, with its traceback), and
+    asyncio's "Task exception was never retrieved" (the requests a dropped S3 connection leaves unfinished, reported
+    when they are collected): the CLI says the error that ended the run in one line."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.levelno >= logging.ERROR
-                    and record.name.startswith(("prefect.flow_runs", "prefect.task_runs")))
+        if record.levelno < logging.ERROR:
+            return True
+        if record.name.startswith(("prefect.flow_runs", "prefect.task_runs")):
+            return False
+        return not (record.name == "asyncio" and str(record.msg).startswith("Task exception was never retrieved"))
 
 
 def leave_errors_to_the_cli() -> None:
