@@ -40,7 +40,7 @@ from pipeline.torchfile import load_tensors
 
 __all__ = ["SegmenterSettings", "UncertaintyRule", "kept_indices", "segmenter_transform", "segmenter_labels",
            "train_segmenter", "predict_segmenter", "select_checkpoint", "load_segmenter", "checkpoint_bytes",
-           "load_checkpoint", "CHECKPOINT_FORMAT", "OFFICIAL_MOST_CERTAIN_DROPPED"]
+           "load_checkpoint", "epoch_order", "CHECKPOINT_FORMAT", "OFFICIAL_MOST_CERTAIN_DROPPED"]
 
 CHECKPOINT_FORMAT = "ddpmseg-segmenter-1"  # the "format" entry of every checkpoint written by train_segmenter
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # make_transform('deeplab', ...)'s Normalize (as for mae / swav)

@@ -309,7 +309,8 @@ def test_select_checkpoint_visits_epochs_in_file_name_order():
 
 def test_training_bad_inputs():
     images, masks = quadrant_images(8, 0)
-    with pytest.raises(ValueError, match=r"masks: expected a uint8 array of shape \(8, 32, 32\).*got shape \(8, 16, 16\)"):
+    with pytest.raises(ValueError, match=r"masks: expected a uint8 array of shape \(8, 32, 32\).*got shape "
+                                         r"\(8, 16, 16\)"):
         train_segmenter(images, masks[:, :16, :16].copy(), 2, TINY)
     bad = masks.copy()
     bad[5, 0, 0] = 7
