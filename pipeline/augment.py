@@ -18,7 +18,8 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from pipeline.transform_specs import STUDY_TRAIN_TRANSFORMS, STUDY_TTA_VIEWS, TransformSpec  # re-exported
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -36,30 +37,6 @@ TRANSFORMS: dict[str, tuple[type, dict[str, Any], bool]] = {
     "ElasticTransform": (A.ElasticTransform, {"alpha": 20.0, "sigma": 4.0, "border_mode": cv2.BORDER_CONSTANT}, True),
     "ChannelShuffle": (A.ChannelShuffle, {}, False),
 }
-
-
-class TransformSpec(BaseModel):
-    """One transform of a view: its albumentations name, probability and parameters (defaults above)."""
-
-    model_config = ConfigDict(extra="forbid")
-    name: str
-    p: float = Field(0.4, ge=0.0, le=1.0)
-    params: dict[str, Any] = Field(default_factory=dict)
-
-    @field_validator("name")
-    @classmethod
-    def _known(cls, name: str) -> str:
-        if name not in TRANSFORMS:
-            raise ValueError(f"unknown transform {name!r}; expected one of {sorted(TRANSFORMS)}")
-        return name
-
-
-#: The later study's train-time augmentations, each with p = 0.4.
-STUDY_TRAIN_TRANSFORMS = ["ColorJitter", "ToGray", "HorizontalFlip", "CoarseDropout", "RandomResizedCrop", "Rotate",
-                          "ElasticTransform"]
-#: The later study's four test-time views (all transforms applied, p = 1).
-STUDY_TTA_VIEWS = [["ToGray", "CoarseDropout"], ["ToGray"], ["ColorJitter", "HorizontalFlip"],
-                   ["ColorJitter", "HorizontalFlip", "ChannelShuffle"]]
 
 
 def is_geometric(specs: list[TransformSpec]) -> bool:

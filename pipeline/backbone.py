@@ -21,6 +21,7 @@ from guided_diffusion.script_util import create_model_and_diffusion, model_and_d
 from guided_diffusion.unet import ResBlock, UNetModel, Upsample
 from torch import nn
 
+from pipeline.model_flags import OFFICIAL_MODEL_FLAGS  # plain data, re-exported here
 from pipeline.torchfile import TorchFileError, load_tensors
 
 __all__ = [
@@ -46,25 +47,6 @@ _MAX_LISTED = 5  # how many keys a checkpoint-mismatch message lists per kind
 class BackboneError(ValueError):
     """A backbone could not be built, loaded or run as asked (bad flag, checkpoint, block, device...)."""
 
-
-# The flags of the four official 256x256 checkpoints (scripts/ddpm/train_interpreter.sh), completed with
-# guided_diffusion's model_and_diffusion_defaults() for every other key.
-OFFICIAL_MODEL_FLAGS: dict = {
-    **model_and_diffusion_defaults(),
-    "attention_resolutions": "32,16,8",
-    "class_cond": False,
-    "diffusion_steps": 1000,
-    "dropout": 0.1,
-    "image_size": 256,
-    "learn_sigma": True,
-    "noise_schedule": "linear",
-    "num_channels": 256,
-    "num_head_channels": 64,
-    "num_res_blocks": 2,
-    "resblock_updown": True,
-    "use_fp16": True,
-    "use_scale_shift_norm": True,
-}
 
 # A small UNet of the same code (3 levels, 32x32, 6 decoder blocks) for tests and demos; random weights.
 TINY_MODEL_FLAGS: dict = {

@@ -26,12 +26,12 @@ from typing import IO, TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from pipeline.classifier_bounds import ENSEMBLE_MODES, MIN_BATCH_SIZE, MIN_EPOCHS, OPTIMIZERS  # re-exported
 from pipeline.torchfile import load_tensors
 
 if TYPE_CHECKING:
     from pipeline.config import ExperimentConfig
 
-OPTIMIZERS = ("adam", "adamw")
 LINEAR_INIT_STD = 0.02
 # The official loop starts from best_loss = 10000000 (not +inf); kept for exactness.
 OFFICIAL_INITIAL_BEST_LOSS = 10_000_000.0
@@ -106,12 +106,10 @@ class EarlyStopping:
         return self.counter > self.patience
 
 
-# The bounds of the classifier's hyper-parameters, in one place: TrainSettings checks them and the config
-# (pipeline/config.py, ClassifierConfig) declares them, so a value the config accepts always trains.
-MIN_BATCH_SIZE = 2  # BatchNorm1d in train mode needs >= 2 samples a batch
-MIN_EPOCHS = 1
-# independent: one member at a time (this module's train_member); batched: all at once (pipeline/ensemble.py)
-ENSEMBLE_MODES = ("batched", "independent")
+# The bounds of the classifier's hyper-parameters, in one place (pipeline/classifier_bounds.py, plain data):
+# TrainSettings checks them and the config (pipeline/config.py, ClassifierConfig) declares them, so a value the
+# config accepts always trains. ENSEMBLE_MODES: independent: one member at a time (this module's train_member);
+# batched: all at once (pipeline/ensemble.py).
 
 
 @dataclass

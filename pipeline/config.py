@@ -24,20 +24,23 @@ import json
 import re
 import shlex
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
-import torch
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+# plain data and the extractors' config face only: loading a config imports no torch (`ddpmseg status` stays quick)
 from pipeline import fetched
-from pipeline.augment import STUDY_TRAIN_TRANSFORMS, STUDY_TTA_VIEWS, TransformSpec
-from pipeline.backbone import OFFICIAL_MODEL_FLAGS
-from pipeline.classifier import MIN_BATCH_SIZE, MIN_EPOCHS, OPTIMIZERS
+from pipeline.classifier_bounds import MIN_BATCH_SIZE, MIN_EPOCHS, OPTIMIZERS
 from pipeline.extractors import KINDS, FeatureExtractor, create_extractor, extractor_class
 from pipeline.extractors import base as extractor_base
 from pipeline.extractors.ddpm import num_output_blocks as _num_output_blocks
+from pipeline.model_flags import OFFICIAL_MODEL_FLAGS
 from pipeline.presets import DATASET_PRESETS, PAPER_BLOCKS, PAPER_STEPS
+from pipeline.transform_specs import STUDY_TRAIN_TRANSFORMS, STUDY_TTA_VIEWS, TransformSpec
+
+if TYPE_CHECKING:
+    import torch
 
 #: The official 256x256 model flags (scripts/ddpm/train_interpreter.sh) on top of guided-diffusion's defaults.
 OFFICIAL_FLAGS: dict[str, Any] = dict(OFFICIAL_MODEL_FLAGS)
@@ -347,6 +350,8 @@ def noise_mode(cfg: ExperimentConfig) -> str:
 def check_noise_device(cfg: ExperimentConfig, device: torch.device) -> None:
     """ConfigError when the noise generator cannot run on the `device` the forwards run on (the config cannot
     know the machine: call this where the device is resolved, before any forward)."""
+    import torch
+
     if cfg.features.noise_generator == "cuda" and torch.device(device).type != "cuda":
         why = "CUDA is not available here" if not torch.cuda.is_available() else \
             f"features.device is {cfg.features.device!r}"

@@ -27,6 +27,15 @@ def _image_and_label(size: int = 32):
     return image, label
 
 
+def test_plain_transform_names_match_the_albumentations_table():
+    """pipeline/transform_specs.py (what configs are validated against, without albumentations) lists exactly the
+    transforms pipeline.augment can build, and the same ones as moving pixels."""
+    from pipeline.transform_specs import GEOMETRIC_TRANSFORMS, TRANSFORM_NAMES
+
+    assert tuple(augment.TRANSFORMS) == TRANSFORM_NAMES
+    assert {name for name, (_, _, moves) in augment.TRANSFORMS.items() if moves} == GEOMETRIC_TRANSFORMS
+
+
 def test_a_view_is_bit_identical_across_runs_and_differs_between_views():
     image, label = _image_and_label()
     specs = [TransformSpec(name=n) for n in augment.STUDY_TRAIN_TRANSFORMS]

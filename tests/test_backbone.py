@@ -50,6 +50,18 @@ def test_flag_sets_are_complete_and_official_values():
     assert complete_flags({"image_size": 32})["num_channels"] == model_and_diffusion_defaults()["num_channels"]
 
 
+def test_plain_flag_table_equals_guided_diffusion_defaults():
+    """pipeline/model_flags.py (what configs are validated against, without importing torch) holds exactly
+    guided-diffusion's defaults, value and type."""
+    from guided_diffusion.script_util import model_and_diffusion_defaults
+
+    from pipeline.model_flags import GUIDED_DIFFUSION_DEFAULTS
+
+    defaults = model_and_diffusion_defaults()
+    assert GUIDED_DIFFUSION_DEFAULTS == defaults
+    assert {k: type(v) for k, v in GUIDED_DIFFUSION_DEFAULTS.items()} == {k: type(v) for k, v in defaults.items()}
+
+
 def test_unknown_flag_is_named_with_allowed_names():
     with pytest.raises(BackboneError, match="num_chanels") as info:
         complete_flags({**TINY_MODEL_FLAGS, "num_chanels": 32})

@@ -103,6 +103,18 @@ def test_registry_names_every_kind_and_refuses_unknown_ones():
         create_extractor("mae", {"depth": "deep"})
 
 
+def test_plain_settings_table_equals_what_the_extractor_classes_report():
+    """pipeline/extractors/kinds.py (what `ddpmseg config presets` lists without importing torch) holds each kind's
+    official settings exactly as its extractor class computes them (layer shapes of the official flags)."""
+    from pipeline.extractors.kinds import EXTRACTOR_CLASSES, OFFICIAL_SETTINGS
+
+    assert tuple(OFFICIAL_SETTINGS) == KINDS == tuple(EXTRACTOR_CLASSES)
+    for kind in KINDS:
+        assert OFFICIAL_SETTINGS[kind] == official_settings(kind), kind
+        module, name = EXTRACTOR_CLASSES[kind]
+        assert (EXTRACTORS[kind].__module__, EXTRACTORS[kind].__name__) == (module, name)
+
+
 # -- official architectures: layouts and channels --------------------------------------------------------------
 def test_full_size_networks_have_the_official_state_dict_layouts():
     with torch.device("meta"):

@@ -7,33 +7,36 @@
     swav      SwAV ResNet-50                             Bottlenecks layer1.0 ... layer4.2
     swav_w2   SwAV ResNet-50w2                           Bottlenecks layer1.0 ... layer4.2
 
-A new kind is one module with a `FeatureExtractor` subclass, registered in `EXTRACTORS`.
+A new kind is one module with a `FeatureExtractor` subclass, registered in `kinds.EXTRACTOR_CLASSES` (with its
+official settings in `kinds.OFFICIAL_SETTINGS`).
 """
 from __future__ import annotations
 
+import importlib
 from typing import Any, Mapping
 
 from pipeline.extractors.base import ExtractorError, FeatureExtractor, LoadReport
-from pipeline.extractors.ddpm import DDPMExtractor
-from pipeline.extractors.mae import MAEExtractor
-from pipeline.extractors.rgb import RGBExtractor
-from pipeline.extractors.swav import SwAVExtractor, SwAVw2Extractor
+from pipeline.extractors.kinds import EXTRACTOR_CLASSES, KINDS, OFFICIAL_SETTINGS
 
-__all__ = ["EXTRACTORS", "KINDS", "ExtractorError", "FeatureExtractor", "LoadReport", "create_extractor",
-           "extractor_class", "official_settings"]
-
-EXTRACTORS: dict[str, type[FeatureExtractor]] = {
-    cls.kind: cls for cls in (DDPMExtractor, RGBExtractor, MAEExtractor, SwAVExtractor, SwAVw2Extractor)
-}
-KINDS: tuple[str, ...] = tuple(EXTRACTORS)
+__all__ = ["EXTRACTORS", "KINDS", "OFFICIAL_SETTINGS", "ExtractorError", "FeatureExtractor", "LoadReport",
+           "create_extractor", "extractor_class", "official_settings"]
 
 
 def extractor_class(kind: str) -> type[FeatureExtractor]:
-    """The extractor class registered under ``kind``; ValueError naming the known kinds otherwise."""
+    """The extractor class registered under ``kind`` (its module imported on first use: mae and swav import
+    torch, ddpm and rgb only when they build or run); ValueError naming the known kinds otherwise."""
     try:
-        return EXTRACTORS[kind]
+        module, name = EXTRACTOR_CLASSES[kind]
     except (KeyError, TypeError):
         raise ValueError(f"unknown model.kind {kind!r}; expected one of {list(KINDS)}") from None
+    return getattr(importlib.import_module(module), name)
+
+
+def __getattr__(name: str) -> Any:
+    """``EXTRACTORS``: kind -> class, for every kind (imports every kind's module)."""
+    if name == "EXTRACTORS":
+        return {kind: extractor_class(kind) for kind in KINDS}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def create_extractor(kind: str, flags: Mapping[str, Any] | None = None) -> FeatureExtractor:

@@ -17,12 +17,11 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
-from torch import nn
-
-from pipeline.torchfile import TorchFileError, load_tensors
+if TYPE_CHECKING:  # torch is imported where a network is built or run: validating a config needs none of it
+    import torch
+    from torch import nn
 
 __all__ = ["ExtractorError", "FeatureExtractor", "LoadReport", "coerce_flag", "coerce_flags", "read_checkpoint",
            "load_partial_state_dict", "IMAGENET_MEAN", "IMAGENET_STD", "imagenet_input", "ActivationHooks"]
@@ -194,6 +193,8 @@ def imagenet_input(x: torch.Tensor) -> torch.Tensor:
     then ``Normalize(IMAGENET_MEAN, IMAGENET_STD)``. The uint8 pixels are recovered exactly (the stored value is
     ``2 * (u / 255) - 1`` in float32: rounding ``(x + 1) * 127.5`` gives u back), so the result is bit for bit
     the official transform's on the same resized image."""
+    import torch
+
     pixels = torch.round((x.to(torch.float32) + 1) * 127.5).clamp_(0, 255)
     unit = pixels.div(255)
     mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
@@ -206,6 +207,10 @@ def read_checkpoint(path: str | Path, entry: str) -> dict[str, torch.Tensor]:
     ('model' for MAE, 'state_dict' for SwAV). ``argparse.Namespace`` is allowed besides tensors and plain
     containers (MAE's training script stores its arguments under 'args'). ExtractorError naming the file for a
     missing file, a refused or unreadable file, a missing entry or an entry that is not a mapping of tensors."""
+    import torch
+
+    from pipeline.torchfile import TorchFileError, load_tensors
+
     path = Path(path)
     if not path.is_file():
         raise ExtractorError(f"checkpoint file not found: {path}")

@@ -2,13 +2,14 @@
 (``model.output_blocks[i]``). The numerics live in pipeline/backbone.py; this module is its extractor face."""
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
-import torch
-
-from pipeline import backbone as bb
 from pipeline.extractors.base import FeatureExtractor
+from pipeline.model_flags import OFFICIAL_MODEL_FLAGS
 from pipeline.presets import PAPER_BLOCKS, PAPER_STEPS
+
+if TYPE_CHECKING:  # torch and guided_diffusion (pipeline.backbone) are imported where the UNet is built or run
+    import torch
 
 __all__ = ["DDPMExtractor", "num_output_blocks"]
 
@@ -42,7 +43,7 @@ class DDPMExtractor(FeatureExtractor):
 
     @classmethod
     def default_flags(cls) -> dict[str, Any]:
-        return dict(bb.OFFICIAL_MODEL_FLAGS)
+        return dict(OFFICIAL_MODEL_FLAGS)
 
     @classmethod
     def feature_defaults(cls, flags: Mapping[str, Any]) -> dict[str, Any]:
@@ -70,13 +71,20 @@ class DDPMExtractor(FeatureExtractor):
         return [f"output_blocks.{i}" for i in range(self.num_layers())]
 
     def layer_shapes(self, blocks: list[int], input_activations: bool = False) -> dict[int, tuple[int, int, int]]:
+        import torch
         from guided_diffusion.script_util import create_model_and_diffusion
+
+        from pipeline import backbone as bb
 
         with torch.device("meta"):  # structure only: no memory, no weights
             model, _ = create_model_and_diffusion(**bb.complete_flags(self.flags))
         return bb.block_shapes(model, self.image_size, list(blocks), input_activations)
 
     def build(self, device: torch.device, checkpoint: str | None, init_seed: int = 0) -> None:
+        import torch
+
+        from pipeline import backbone as bb
+
         torch.manual_seed(init_seed)
         self.model, self.diffusion = bb.build_backbone(self.flags, device)
         if checkpoint is not None:
@@ -88,6 +96,8 @@ class DDPMExtractor(FeatureExtractor):
                 input_activations: bool = False) -> dict[int, torch.Tensor]:
         if self.model is None:
             raise RuntimeError("DDPMExtractor.forward before build()")
+        from pipeline import backbone as bb
+
         # maps stay on the model's device: the extraction stage checks and casts them to float16 there (on a GPU,
         # half the copy to the host); on the CPU this is the same as a host copy
         return bb.extract_blocks(self.model, self.diffusion, x, t, noise, list(blocks), input_activations,

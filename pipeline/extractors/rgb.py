@@ -1,18 +1,21 @@
 """`rgb`: the no-backbone baseline, each pixel's colour and (y, x) coordinates as one map "layer" 0."""
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from pipeline import backbone as bb
 from pipeline.extractors.base import FeatureExtractor
+from pipeline.model_flags import OFFICIAL_MODEL_FLAGS
+
+if TYPE_CHECKING:  # torch is imported where the maps are made
+    import torch
 
 __all__ = ["RGBExtractor", "rgb_features"]
 
 
 def rgb_features(x0: torch.Tensor) -> torch.Tensor:
     """The rgb baseline's map: (B, 3, H, W) images in [-1, 1] -> (B, 5, H, W): r, g, b, y, x (coordinates in [-1, 1])."""
+    import torch
+
     b, _, h, w = x0.shape
     ys = torch.linspace(-1, 1, h).view(1, 1, h, 1).expand(b, 1, h, w)
     xs = torch.linspace(-1, 1, w).view(1, 1, 1, w).expand(b, 1, h, w)
@@ -28,7 +31,7 @@ class RGBExtractor(FeatureExtractor):
 
     @classmethod
     def default_flags(cls) -> dict[str, Any]:
-        return dict(bb.OFFICIAL_MODEL_FLAGS)
+        return dict(OFFICIAL_MODEL_FLAGS)
 
     @classmethod
     def fixed_features(cls) -> dict[str, Any]:
