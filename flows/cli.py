@@ -42,7 +42,6 @@ def _prefect_did_not_start(err: BaseException) -> str | None:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from pipeline.backbone import BackboneError
     from pipeline.config import ConfigError
     from pipeline.datasets import DatasetError
     from pipeline.extractors import ExtractorError
@@ -50,8 +49,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from storage.assets import AssetError
     from storage.location import StoreAccessError
 
-    return ConfigError, DatasetError, BackboneError, ExtractorError, StoreError, StoreAccessError, AssetError, \
-        FileNotFoundError
+    errors = (ConfigError, DatasetError, ExtractorError, StoreError, StoreAccessError, AssetError, FileNotFoundError)
+    # a BackboneError exists only once pipeline.backbone ran (it imports torch): a quick command's error is
+    # reported without importing it
+    backbone = sys.modules.get("pipeline.backbone")
+    return errors + (backbone.BackboneError,) if backbone is not None else errors
 
 
 def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
@@ -110,14 +112,14 @@ def cmd_config(args: argparse.Namespace) -> int:
         else:
             print(text, end="")
     elif args.config_cmd == "presets":
-        from pipeline.extractors import KINDS, official_settings
+        from pipeline.extractors.kinds import KINDS, OFFICIAL_SETTINGS  # plain data: no torch
 
         for name, p in DATASET_PRESETS.items():
             print(f"{name:16s} classes {p['number_class']:3d}  ignore {p['ignore_label']:3d}  "
                   f"train {p['training_number']:3d}  test {p['testing_number']:3d}  checkpoint {p['checkpoint']}")
         print("\nmodel.kind  (official features; <dataset>: the preset's checkpoint name)")
         for kind in KINDS:
-            s = official_settings(kind)
+            s = OFFICIAL_SETTINGS[kind]
             print(f"{kind:10s}  steps {s['steps']}  blocks {s['blocks']}  input_activations "
                   f"{str(s['input_activations']).lower()}  {s['channels']} channels  checkpoint {s['checkpoint'] or '-'}")
     elif args.config_cmd == "show":

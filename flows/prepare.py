@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline import augment, datasets
+from pipeline import datasets
 from pipeline.config import ExperimentConfig
 from storage.features import FeatureStore, StoreError
 from storage.keys import array_digest
@@ -17,12 +17,13 @@ def prepare_split(cfg: ExperimentConfig, store: FeatureStore, split: str, write:
     d = cfg.dataset
     root, number = (d.train_dir, d.training_number) if split == "train" else (d.test_dir, d.testing_number)
     samples = datasets.load_split(root, number, cfg.image_size, d.number_class, d.ignore_label,
-                                  train=(split == "train"), min_annotation_pixels=d.min_annotation_pixels)
+                                  train=(split == "train"), min_annotation_pixels=d.min_annotation_pixels,
+                                  as_tensor=False)  # numpy: hashing and storing need no torch
     refs = []
     for s in samples:
         image_id, label_hash = image_id_of(s.image), array_digest(s.label)[:20]
         if write and not store.view_committed(BASE_VIEW, image_id, label_hash):
-            store.write_view(BASE_VIEW, image_id, s.image.numpy(), s.label, label_hash,
+            store.write_view(BASE_VIEW, image_id, s.image, s.label, label_hash,
                              {"image_size": cfg.image_size, "stem": s.image_path.stem, "split": split})
         refs.append(ImageRef(image_id, label_hash, s.image_path.stem))
     return refs
@@ -31,6 +32,8 @@ def prepare_split(cfg: ExperimentConfig, store: FeatureStore, split: str, write:
 def prepare_views(cfg: ExperimentConfig, store: FeatureStore, base: list[ImageRef],
                   views: list[tuple[str, int, list]], write: bool = True) -> list[ImageRef]:
     """Derive each view of each base image (deterministic from spec, seed, view index, image id) and store it."""
+    if views:
+        from pipeline import augment  # albumentations, OpenCV and torch: only a config with views needs them
     refs = []
     for ref in base:
         if views and not store.view_committed(BASE_VIEW, ref.image_id, ref.label_hash):

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+import numpy as np
 
-from pipeline import backbone as bb
 from pipeline.config import ExperimentConfig
 from storage.features import UnitSpec
 from storage.keys import Key, array_digest, digest, file_digest
+
+if TYPE_CHECKING:
+    import torch
 
 BASE_VIEW = "base"
 
@@ -42,7 +44,9 @@ def backbone_fingerprint(cfg: ExperimentConfig) -> dict[str, Any]:
     if extractor.uses_weights and cfg.model.checkpoint is not None:
         path = Path(cfg.model.checkpoint)
         if not path.is_file():
-            raise bb.BackboneError(f"{path}: checkpoint not found (model.checkpoint)")
+            from pipeline.backbone import BackboneError
+
+            raise BackboneError(f"{path}: checkpoint not found (model.checkpoint)")
         checkpoint_sha256 = file_digest(path)
     return extractor.fingerprint(checkpoint_sha256, cfg.model.init_seed)
 
@@ -79,9 +83,10 @@ def unit_for(cfg: ExperimentConfig, t: int, view: str = BASE_VIEW) -> UnitSpec:
     return UnitSpec(backbone=backbone_tag(cfg), view=view, t=t, spec=digest(feature_spec(cfg))[:8])
 
 
-def image_id_of(image: torch.Tensor) -> str:
-    """Content id of an image: hash of the exact model input (after the base transform)."""
-    return array_digest(image.numpy())[:20]
+def image_id_of(image: torch.Tensor | np.ndarray) -> str:
+    """Content id of an image: hash of the exact model input (after the base transform; a CPU tensor or the
+    numpy array of the same values give the same id)."""
+    return array_digest(image if isinstance(image, np.ndarray) else image.numpy())[:20]
 
 
 def train_key(cfg: ExperimentConfig, refs: list[ImageRef]) -> Key:

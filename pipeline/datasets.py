@@ -31,10 +31,13 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
+
+if TYPE_CHECKING:  # torch is imported where a tensor is made: listing and hashing a split needs none of it
+    import torch
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif")  # the official listing (guided-diffusion's)
 LABEL_SUFFIX = ".npy"
@@ -49,13 +52,14 @@ class DatasetError(ValueError):
 class Sample:
     """One image and its label after the official transforms.
 
-    image: (3, R, R) float32 in [-1, 1].
+    image: (3, R, R) float32 in [-1, 1] (a tensor; the same values as a numpy array when loaded with
+    ``as_tensor=False``).
     label: (R, R) uint8 class ids (small-annotation rule applied when loaded with ``train=True``).
     """
 
     image_path: Path
     label_path: Path
-    image: torch.Tensor
+    image: torch.Tensor | np.ndarray
     label: np.ndarray
 
 
@@ -158,8 +162,9 @@ def _open_rgb(path: Path) -> Image.Image:
     return rgb
 
 
-def _rgb_to_tensor(rgb: Image.Image, path: Path, resolution: int) -> torch.Tensor:
-    """Square RGB PIL image -> (3, R, R) float32 in [-1, 1] (bilinear resize, /255, 2x - 1)."""
+def _rgb_to_array(rgb: Image.Image, path: Path, resolution: int) -> np.ndarray:
+    """Square RGB PIL image -> (3, R, R) float32 in [-1, 1] (bilinear resize, /255, 2x - 1): bit for bit what
+    torchvision's ToTensor then ``2x - 1`` give (float32 division and subtraction round the same way)."""
     width, height = rgb.size
     if width != height:
         raise DatasetError(
@@ -167,9 +172,16 @@ def _rgb_to_tensor(rgb: Image.Image, path: Path, resolution: int) -> torch.Tenso
         )
     if rgb.size != (resolution, resolution):
         rgb = rgb.resize((resolution, resolution), Image.BILINEAR)
-    pixels = torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy())  # (R, R, 3) uint8
-    unit = pixels.permute(2, 0, 1).contiguous().to(torch.float32).div(255)
-    return 2 * unit - 1
+    pixels = np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1)  # (3, R, R) uint8
+    unit = pixels.astype(np.float32) / np.float32(255)
+    return np.ascontiguousarray(2 * unit - 1)
+
+
+def _rgb_to_tensor(rgb: Image.Image, path: Path, resolution: int) -> torch.Tensor:
+    """Square RGB PIL image -> (3, R, R) float32 tensor in [-1, 1] (``_rgb_to_array``)."""
+    import torch
+
+    return torch.from_numpy(_rgb_to_array(rgb, path, resolution))
 
 
 def load_image(path: Path, resolution: int) -> torch.Tensor:
@@ -283,10 +295,10 @@ def _select_pairs(root: str | Path, number: int | None) -> list[tuple[Path, Path
 
 def _load_sample(
     image_path: Path, label_path: Path, resolution: int, number_class: int, ignore_label: int, train: bool,
-    min_annotation_pixels: int,
+    min_annotation_pixels: int, as_tensor: bool = True,
 ) -> Sample:
     rgb = _open_rgb(image_path)
-    image = _rgb_to_tensor(rgb, image_path, resolution)
+    image = (_rgb_to_tensor if as_tensor else _rgb_to_array)(rgb, image_path, resolution)
     raw_label = _read_label(label_path)
     width, height = rgb.size
     _check_label_shape(raw_label, label_path, (height, width))
@@ -307,7 +319,7 @@ def _check_split_arguments(number_class: int, ignore_label: int, resolution: int
 
 def iter_split(
     root: str | Path, number: int | None, resolution: int, number_class: int, ignore_label: int, train: bool,
-    min_annotation_pixels: int = SMALL_ANNOTATION_MIN_PIXELS,
+    min_annotation_pixels: int = SMALL_ANNOTATION_MIN_PIXELS, as_tensor: bool = True,
 ) -> Iterator[Sample]:
     """Like ``load_split`` but decodes one Sample at a time (listing and count checks happen first)."""
     _check_split_arguments(number_class, ignore_label, resolution)
@@ -319,14 +331,14 @@ def iter_split(
     def generate() -> Iterator[Sample]:
         for image_path, label_path in pairs:
             yield _load_sample(image_path, label_path, resolution, number_class, ignore_label, train,
-                               int(min_annotation_pixels))
+                               int(min_annotation_pixels), as_tensor)
 
     return generate()
 
 
 def load_split(
     root: str | Path, number: int | None, resolution: int, number_class: int, ignore_label: int, train: bool,
-    min_annotation_pixels: int = SMALL_ANNOTATION_MIN_PIXELS,
+    min_annotation_pixels: int = SMALL_ANNOTATION_MIN_PIXELS, as_tensor: bool = True,
 ) -> list[Sample]:
     """The first ``number`` (all when None or <= 0) samples of the split directory ``root``.
 
@@ -334,6 +346,8 @@ def load_split(
     small-annotation rule (classes with fewer than ``min_annotation_pixels`` pixels -> ignore label) is applied to
     the label. Raises DatasetError for an empty split, fewer images
     than ``number``, a missing / unreadable / mis-shaped label, label values >= ``number_class`` other than
-    ``ignore_label``, and unreadable or non-square images.
+    ``ignore_label``, and unreadable or non-square images. With ``as_tensor=False`` the images are numpy arrays
+    of the same values (no torch import).
     """
-    return list(iter_split(root, number, resolution, number_class, ignore_label, train, min_annotation_pixels))
+    return list(iter_split(root, number, resolution, number_class, ignore_label, train, min_annotation_pixels,
+                           as_tensor))

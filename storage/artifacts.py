@@ -28,14 +28,16 @@ import json
 import struct
 import time
 import zipfile
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import google_crc32c
 import numpy as np
-import torch
 
 from storage.keys import Key, digest, json_default
 from storage.location import CorruptObjectError, StoreLocation, corrupt_object_message
+
+if TYPE_CHECKING:  # torch is imported where a member is written: reading records needs none of it
+    import torch
 
 ZARR_JSON = "zarr.json"
 MEMBER_CHUNK = "c.0"  # the one chunk of a member array (chunk key encoding "default", separator ".")
@@ -176,6 +178,8 @@ def write_member(loc: StoreLocation, train_key: str, index: int, state_dict: dic
                  meta: dict[str, Any]) -> None:
     """The member's bytes (torch.save of {"state_dict", "meta"}) and their crc32c as the array's chunk, then its
     zarr.json (meta, sha256 of the bytes) as the commit marker."""
+    import torch
+
     buf = io.BytesIO()
     torch.save({"state_dict": state_dict, "meta": meta}, buf)
     payload = buf.getvalue()

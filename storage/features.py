@@ -32,14 +32,11 @@ import struct
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
-import dask
-import dask.array as da
 import google_crc32c
 import numcodecs
 import numpy as np
-import torch
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.storage import MemoryStore, StorePath
@@ -49,6 +46,9 @@ from storage.zarr_internals import (ZARR_JSON, ArrayV3Metadata, Buffer, GroupMet
                                     default_buffer_prototype, zarr_sync)
 from storage.location import (CorruptObjectError, StoreAccessError, StoreLocation, corrupt_object_message,
                               is_transient, with_retries)
+
+if TYPE_CHECKING:  # dask and torch are imported where features are read lazily or written
+    import dask.array as da
 
 FEATURE_DTYPE = np.float16
 # An array's one chunk is the file `c.0.0.0.0` beside its zarr.json, not `c/0/0/0/0` (four directories per array).
@@ -122,6 +122,8 @@ def to_float16(values: Any, what: str) -> np.ndarray:
     value is not finite or beyond the float16 range (|x| > 65504 rounds to inf from 65520).
 
     Float16 input is only checked (an integer test of the exponent bits, no float conversion)."""
+    import torch  # imported here: reading and listing a store need no torch (`ddpmseg status`, `store ls`)
+
     if isinstance(values, np.ndarray) and values.dtype == np.float16 or (
             isinstance(values, torch.Tensor) and values.dtype == torch.float16):
         half = values if isinstance(values, np.ndarray) else values.detach().cpu().numpy()
@@ -401,6 +403,8 @@ class FeatureStore:
 
     def feature_arrays(self, unit: UnitSpec, image_id: str, blocks: list[int]) -> list[da.Array]:
         """Lazy dask arrays (C, h, w) float16 of an image's blocks, in the given order."""
+        import dask.array as da
+
         out = []
         for b in blocks:
             path = f"{unit.path}/{image_id}/b{b:02d}"
@@ -416,6 +420,8 @@ class FeatureStore:
         Reads through dask (one task per chunk, in parallel); a corrupted chunk raises CorruptChunkError
         naming the unit, image and block.
         """
+        import dask
+
         lazy = [(u, b, a) for u in units for b, a in zip(blocks, self.feature_arrays(u, image_id, blocks))]
         try:
             values = dask.compute(*[a for _, _, a in lazy], scheduler="threads")
