@@ -9,7 +9,7 @@ import yaml
 
 from flows.cli import main
 from pipeline.config import load_config
-from pipeline.extractors.mae import MaskedAutoencoderViT
+from pipeline.extractors.mae_network import MaskedAutoencoderViT
 from storage import maintenance
 from storage.features import FeatureStore
 from storage.location import StoreLocation

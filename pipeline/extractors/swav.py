@@ -12,20 +12,22 @@ Checkpoints: ``{"state_dict": ...}`` saved from a DataParallel model (keys ``mod
 nothing is an error. swav's ResNet pads its input by 1 before a 7x7 stride-2 conv with padding 2: the same
 values as torchvision's padding 3 (zeros either way), so both kinds use the torchvision stem here.
 
-The module is written to torchvision's / swav's state-dict layout (``conv1 bn1 layerN.i.{conv1..3, bn1..3,
-downsample.0, downsample.1}``); a test checks a state dict in that layout loads with nothing missing or unused.
+The network (pipeline/extractors/swav_network.py, imported where it is built) is written to torchvision's /
+swav's state-dict layout (``conv1 bn1 layerN.i.{conv1..3, bn1..3, downsample.0, downsample.1}``); a test checks a
+state dict in that layout loads with nothing missing or unused.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
-import torch
-from torch import nn
+from pipeline.extractors.base import ActivationHooks, FeatureExtractor, LoadReport, imagenet_input
 
-from pipeline.extractors.base import (ActivationHooks, FeatureExtractor, LoadReport, imagenet_input,
-                                      load_partial_state_dict, read_checkpoint)
+if TYPE_CHECKING:  # the network (pipeline/extractors/swav_network.py) and torch: imported where it is built or run
+    import torch
 
-__all__ = ["SwAVExtractor", "SwAVw2Extractor", "ResNet", "OFFICIAL_SWAV_FLAGS", "official_swav_blocks"]
+    from pipeline.extractors.swav_network import ResNet
+
+__all__ = ["SwAVExtractor", "SwAVw2Extractor", "OFFICIAL_SWAV_FLAGS", "official_swav_blocks"]
 
 OFFICIAL_SWAV_FLAGS: dict[str, Any] = {
     "image_size": 256,  # the data set's resolution (dim[0] of the experiment file)
@@ -33,79 +35,7 @@ OFFICIAL_SWAV_FLAGS: dict[str, Any] = {
     "width_per_group": 64,  # channels of the stem at widen 1
     "layers": "3,4,6,3",  # Bottlenecks per stage (ResNet-50)
 }
-_EXPANSION = 4  # a Bottleneck's output has 4x its inner width
-
-
-class Bottleneck(nn.Module):
-    """1x1 -> 3x3 (stride here, as torchvision's v1.5) -> 1x1 with batch norms, plus the (projected) input."""
-
-    def __init__(self, in_channels: int, width: int, stride: int = 1):
-        super().__init__()
-        out_channels = width * _EXPANSION
-        self.conv1 = nn.Conv2d(in_channels, width, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(width)
-        self.conv3 = nn.Conv2d(width, out_channels, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(out_channels)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = None
-        if stride != 1 or in_channels != out_channels:
-            self.downsample = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
-                                            nn.BatchNorm2d(out_channels))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        identity = x if self.downsample is None else self.downsample(x)
-        return self.relu(out + identity)
-
-
-class ResNet(nn.Module):
-    """A Bottleneck ResNet without its classifier: stem (7x7/2 conv, BN, ReLU, 3x3/2 max pool) and four stages
-    of inner widths ``base, 2 base, 4 base, 8 base`` (``base = width_per_group * widen``), the first block of
-    stages 2-4 with stride 2."""
-
-    def __init__(self, layers: list[int], widen: int = 1, width_per_group: int = 64):
-        super().__init__()
-        base = width_per_group * widen
-        self.conv1 = nn.Conv2d(3, base, 7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(base)
-        self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
-        in_channels = base
-        for stage, blocks in enumerate(layers):
-            width = base * 2 ** stage
-            stride = 1 if stage == 0 else 2
-            modules = [Bottleneck(in_channels, width, stride)]
-            modules += [Bottleneck(width * _EXPANSION, width) for _ in range(blocks - 1)]
-            setattr(self, f"layer{stage + 1}", nn.Sequential(*modules))
-            in_channels = width * _EXPANSION
-        self._init_random()
-
-    @torch.no_grad()
-    def _init_random(self) -> None:
-        """torchvision's / swav's initialisation: kaiming-normal convs (fan out), BN weight 1 and bias 0."""
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-
-    def stages(self) -> list[nn.Sequential]:
-        return [self.layer1, self.layer2, self.layer3, self.layer4]
-
-    def bottlenecks(self) -> list[nn.Module]:
-        """Every Bottleneck in forward order: the hookable layers."""
-        return [block for stage in self.stages() for block in stage]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        for stage in self.stages():
-            x = stage(x)
-        return x
+EXPANSION = 4  # a Bottleneck's output has 4x its inner width
 
 
 def _layers(flags: Mapping[str, Any]) -> list[int]:
@@ -172,8 +102,8 @@ class SwAVExtractor(FeatureExtractor):
                 in_side = side
                 if stage > 0 and i == 0:
                     side = (side + 2 - 3) // 2 + 1  # the 3x3/2 conv of the stage's first block
-                shapes[index] = (channels, in_side, in_side) if input_activations else (width * _EXPANSION, side, side)
-                channels = width * _EXPANSION
+                shapes[index] = (channels, in_side, in_side) if input_activations else (width * EXPANSION, side, side)
+                channels = width * EXPANSION
                 index += 1
         return {b: shapes[b] for b in sorted(blocks)}
 
@@ -181,23 +111,29 @@ class SwAVExtractor(FeatureExtractor):
         return imagenet_input(x)
 
     def build(self, device: torch.device, checkpoint: str | None, init_seed: int = 0) -> None:
+        import torch
+
+        from pipeline.extractors.swav_network import ResNet, load_swav_checkpoint
+
         torch.manual_seed(init_seed)
         model = ResNet(self.layers, int(self.flags["widen"]), int(self.flags["width_per_group"]))
         if checkpoint is not None:
             self.load_report = load_swav_checkpoint(model, checkpoint)
         self.model = model.to(device).eval()
 
-    @torch.no_grad()
     def forward(self, x: torch.Tensor, t: int, noise: torch.Tensor | None, blocks: list[int],
                 input_activations: bool = False) -> dict[int, torch.Tensor]:
+        import torch
+
         if self.model is None:
             raise RuntimeError("SwAVExtractor.forward before build()")
-        device = next(self.model.parameters()).device
-        x = self.input_transform(x.to(device))
-        bottlenecks = self.model.bottlenecks()
-        with ActivationHooks({b: bottlenecks[b] for b in blocks}, input_activations) as hooks:
-            acts = hooks.run(self.model, x)
-        return {b: acts[b].cpu() for b in sorted(blocks)}
+        with torch.no_grad():
+            device = next(self.model.parameters()).device
+            x = self.input_transform(x.to(device))
+            bottlenecks = self.model.bottlenecks()
+            with ActivationHooks({b: bottlenecks[b] for b in blocks}, input_activations) as hooks:
+                acts = hooks.run(self.model, x)
+            return {b: acts[b].cpu() for b in sorted(blocks)}
 
 
 class SwAVw2Extractor(SwAVExtractor):
@@ -205,12 +141,3 @@ class SwAVw2Extractor(SwAVExtractor):
 
     kind = "swav_w2"
     widen = 2
-
-
-def load_swav_checkpoint(model: ResNet, path: str) -> LoadReport:
-    """The official SwAV checkpoint ``{"state_dict": {"module.<key>": tensor}}`` into ``model``: the ``module.``
-    prefix (DataParallel) removed, loaded non-strictly as the official extractor does (the projection head and
-    prototypes of the SwAV training model and any ``fc`` are unused), with the report of what did not load."""
-    state = read_checkpoint(path, "state_dict")
-    stripped = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
-    return load_partial_state_dict(model, stripped, str(path))
