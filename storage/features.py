@@ -208,7 +208,10 @@ class FeatureStore:
                 store = self.location.zarr_store(read_only=self.read_only)
                 mode = "r" if self.read_only else "a"
                 with self._documents(""):
-                    root = zarr.open_group(store=store, mode=mode, zarr_format=3)
+                    try:
+                        root = zarr.open_group(store=store, mode=mode, zarr_format=3)
+                    except ContainsGroupError:  # created by another writer between zarr's look and its create
+                        root = zarr.open_group(store=store, mode=mode, zarr_format=3)
                 if not self.read_only and "ddpmseg" not in root.attrs:
                     root.attrs["ddpmseg"] = {"layout": 1}
                 return root
