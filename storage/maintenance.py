@@ -49,7 +49,7 @@ def list_units(store: FeatureStore) -> list[UnitInfo]:
         created = min((a.attrs.get("committed") or "~" for _, g in images for _, a in g.arrays()), default=None)
         out.append(UnitInfo(path, group.attrs.get("t"), len(images), blocks, _du(store, path),
                             None if created in (None, "~") else created))
-    return out
+    return sorted(out, key=lambda u: u.path)  # zarr lists members in no fixed order
 
 
 def _node_kind(path: str) -> str:

@@ -57,7 +57,9 @@ def test_mae_and_swav_run_end_to_end_beside_ddpm_on_one_store(tmp_path, prefect_
 
     assert _run(["extract", str(ddpm)], capsys)["unet_forwards"] == 4  # 2 batches x 2 timesteps
     store = FeatureStore(StoreLocation.parse(stores.pop()), read_only=True)
-    units = {u.path.split("/")[1]: u for u in maintenance.list_units(store)}
+    listed = maintenance.list_units(store)
+    assert [u.path for u in listed] == sorted(u.path for u in listed)  # `store ls` prints a stable order
+    units = {u.path.split("/")[1]: u for u in listed}
     kinds = sorted(tag.rsplit("-", 1)[0] for tag in units)
     assert kinds == ["mae-lsun_bedroom", "random0", "swav-random0"]  # one store, one backbone tag per extractor
     mae_unit = next(u for tag, u in units.items() if tag.startswith("mae-"))
