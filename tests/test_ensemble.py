@@ -65,6 +65,38 @@ def test_batched_member_follows_the_single_member_loop():
             assert torch.allclose(ours[name].float(), theirs[name].float(), rtol=1e-4, atol=1e-5), name
 
 
+@pytest.mark.parametrize("dropout, classes", [(0.0, 4), (0.3, 31)])
+def test_stacked_step_gradients_are_autograds(dropout, classes):
+    """The written-out backward of stacked_step gives autograd's gradients through stacked_forward (both
+    hidden-width pairs, with and without dropout), the same losses, and the same running statistics."""
+    members, batch, dim = 3, 16, 24
+    models = []
+    for seed in range(members):
+        torch.manual_seed(seed)
+        models.append(clf.build_classifier(classes, dim, dropout))
+    generator = torch.Generator().manual_seed(7)
+    x = torch.randn(members, batch, dim, generator=generator)
+    y = torch.randint(0, classes, (members, batch), generator=generator)
+    reference, ours = ensemble.stack_members(models), ensemble.stack_members(models)
+    widths = [layer.num_features for layer in models[0] if isinstance(layer, torch.nn.BatchNorm1d)]
+    masks = [(torch.rand(members, batch, width, generator=generator) > dropout).float() / (1 - dropout)
+             for width in widths] if dropout else []
+    logits = ensemble.stacked_forward(reference, x, masks)
+    expected = torch.nn.functional.cross_entropy(logits.reshape(-1, classes), y.reshape(-1),
+                                                 reduction="none").view(members, batch).mean(1)
+    expected.sum().backward()
+    grads = ensemble.gradient_buffers(ours)
+    for value in grads.values():
+        value.fill_(float("nan"))  # every element must be written
+    losses = ensemble.stacked_step(ours, x, y, grads, masks)
+    assert torch.allclose(losses, expected.detach(), rtol=1e-5, atol=1e-6)
+    for name, param in zip((n for n, _ in models[0].named_parameters()), reference.parameters()):
+        assert torch.allclose(grads[name], param.grad, rtol=1e-4, atol=1e-6), name
+    for name, value in reference.state.items():
+        if name not in grads:  # BatchNorm buffers
+            assert torch.allclose(ours.state[name], value, rtol=1e-5, atol=1e-7), name
+
+
 def test_batched_member_does_not_depend_on_the_other_members():
     """model_num 10 -> 12 trains the 2 new members alone: they must equal what a pass of all would give."""
     features, labels = toy_data(n=600, seed=1)
