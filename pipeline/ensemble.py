@@ -86,9 +86,10 @@ def stack_members(models: Sequence[nn.Sequential], device: str | torch.device = 
 
 def unstack_member(stacked: StackedMembers, member: int, number_class: int, dim: int) -> nn.Sequential:
     """Member `member` of the stack as its own classifier (CPU, eval mode), built without drawing from torch's
-    global RNG."""
-    with torch.random.fork_rng(devices=[]):
+    global RNG (on the meta device: no init work, then its storage allocated on the CPU and filled)."""
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
         model = clf.build_classifier(number_class, dim, stacked.dropout)
+    model = model.to_empty(device="cpu")
     transposed = _transposed_names(stacked.template)
     model.load_state_dict({name: (value[member].T if name in transposed else value[member]).detach().cpu()
                            for name, value in stacked.state.items()})
