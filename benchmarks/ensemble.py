@@ -10,6 +10,9 @@ iterations per member (no early stop), every path on all cores (torch threads = 
 - official: the official loop, members one after another, on the image's upsampled features held in memory
   (benchmarks.official.prepare_data) through DataLoader(FeatureDataset, batch 64, shuffle=True).
 
+Both store-backed paths build only the slices their iterations use (pixels.epoch_slices max_pixels, as the
+stage does for an epoch cut at a number of batches): a prefetched slice that no step reads is not timed.
+
 Figures are member-pixels per second (members x iterations x 64 / wall s). The timed runs alternate
 (independent, batched, official, then again) so that a change of the machine's load hits every path alike; each
 path's time is the sum over its repeats. `mlp_flops_utilisation`: the batched training step alone (in-memory
@@ -102,7 +105,8 @@ def _run(syn: SyntheticStore, first: int, n_images: int, members: int, iteration
 
         def epoch_slices(epoch: int):
             return pixels.epoch_slices(data.entries, data.labels.__getitem__, data.slice_features,
-                                       d.ignore_label, epoch, shared, images_per_buffer=c.images_per_buffer)
+                                       d.ignore_label, epoch, shared, images_per_buffer=c.images_per_buffer,
+                                       max_pixels=iterations * c.batch_size)
 
         start = time.perf_counter()
         ensemble.train_members(data.settings, seeds, epoch_slices, iterations_per_epoch=iterations)
@@ -114,9 +118,9 @@ def _run(syn: SyntheticStore, first: int, n_images: int, members: int, iteration
             data = train_stage.training_data(cfg, store, refs)
 
             def epoch_batches(epoch: int, data=data, seed=seed):
-                return itertools.islice(pixels.epoch_batches(
+                return pixels.epoch_batches(
                     data.entries, data.labels.__getitem__, data.slice_features, d.ignore_label, c.batch_size,
-                    epoch, seed, images_per_buffer=c.images_per_buffer), iterations)
+                    epoch, seed, images_per_buffer=c.images_per_buffer, max_batches=iterations)
 
             clf.train_member(data.settings, epoch_batches, seed=seed)
         return time.perf_counter() - start

@@ -7,7 +7,6 @@ sampling and the MLP steps live."""
 from __future__ import annotations
 
 import io
-import itertools
 import os
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -151,10 +150,9 @@ def train_member(cfg: ExperimentConfig, store: FeatureStore, refs: list[ImageRef
     seed = member_seed(cfg, index)
 
     def epoch_batches(epoch: int):
-        batches = pixels.epoch_batches(data.entries, data.labels.__getitem__, data.slice_features, d.ignore_label,
-                                       c.batch_size, epoch, seed, images_per_buffer=c.images_per_buffer,
-                                       prefetch=prefetch, device=data.settings.device)
-        return batches if data.per_epoch is None else itertools.islice(batches, data.per_epoch)
+        return pixels.epoch_batches(data.entries, data.labels.__getitem__, data.slice_features, d.ignore_label,
+                                    c.batch_size, epoch, seed, images_per_buffer=c.images_per_buffer,
+                                    prefetch=prefetch, device=data.settings.device, max_batches=data.per_epoch)
 
     with torch_threads(1):  # identical numerics wherever a member trains; small MLPs are fastest on one thread
         model, info = clf.train_member(data.settings, epoch_batches, seed=seed, device=data.settings.device,
@@ -187,7 +185,8 @@ def train_members(cfg: ExperimentConfig, store: FeatureStore, refs: list[ImageRe
     def epoch_slices(epoch: int):
         return pixels.epoch_slices(data.entries, data.labels.__getitem__, data.slice_features, d.ignore_label,
                                    epoch, shared_seed, images_per_buffer=c.images_per_buffer, prefetch=prefetch,
-                                   device=data.settings.device)
+                                   device=data.settings.device,
+                                   max_pixels=None if data.per_epoch is None else data.per_epoch * c.batch_size)
 
     def write(position: int, model: torch.nn.Module, info: dict[str, Any]) -> None:
         index = todo[position]

@@ -19,6 +19,7 @@ gives the global shuffle.
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -117,6 +118,7 @@ def epoch_slices(
     slice_pixels: int = SLICE_PIXELS,
     prefetch: bool = True,
     device: str | torch.device = "cpu",
+    max_pixels: int | None = None,
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """Yield the slices of one epoch in order: (features (n, D) float32 on `device`, labels (n,) int64).
 
@@ -126,6 +128,8 @@ def epoch_slices(
     the slice yielded. It may return the same memory every other call (a ring of two buffers): a slice's
     features are no longer read once slice_features is called for the slice after the next one, so a consumer
     copies what it keeps beyond the next slice. Deterministic for (seed, epoch).
+    max_pixels: the epoch ends after the first slices that hold at least that many pixels (an epoch cut at a number
+    of batches: the slices after them are neither read nor built, not even by the prefetch); None: all.
     """
     if images_per_buffer < 1:
         raise ValueError(f"images_per_buffer must be >= 1, got {images_per_buffer}")
@@ -134,8 +138,12 @@ def epoch_slices(
     if seed < 0 or epoch < 0:
         raise ValueError(f"seed and epoch must be >= 0, got seed={seed}, epoch={epoch}")
     device = torch.device(device)
+    if max_pixels is not None and max_pixels < 1:
+        raise ValueError(f"max_pixels must be >= 1 or None, got {max_pixels}")
     slices = plan_slices(image_ids, load_label, ignore_label, np.random.default_rng([seed, epoch]),
                          images_per_buffer, slice_pixels)
+    if max_pixels is not None:
+        slices = _first_pixels(slices, max_pixels)
     with ThreadPoolExecutor(1, "slice-features") if prefetch else contextlib.nullcontext() as pool:
 
         def features_of(pixels: PixelSlice) -> Tensor:
@@ -162,6 +170,16 @@ def epoch_slices(
             yield job.result(), labels
 
 
+def _first_pixels(slices: Iterator[PixelSlice], max_pixels: int) -> Iterator[PixelSlice]:
+    """The first slices of `slices` that hold at least max_pixels pixels together."""
+    total = 0
+    for part in slices:
+        if total >= max_pixels:
+            return
+        yield part
+        total += len(part.labels)
+
+
 def epoch_batches(
     image_ids: list[str],
     load_label: Callable[[str], np.ndarray],
@@ -175,6 +193,7 @@ def epoch_batches(
     drop_last: bool = True,
     prefetch: bool = True,
     device: str | torch.device = "cpu",
+    max_batches: int | None = None,
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """Yield the shuffled labelled pixels of one epoch as batches (features (B, D) float32 on `device`, labels
     (B,) int64), cut from the slices of `epoch_slices` (same arguments). The batches yielded are copies (the
@@ -183,13 +202,25 @@ def epoch_batches(
     load_label(image_id) -> (H, W) integer array (training labels, small classes already set to ignore_label).
     Deterministic for (seed, epoch); every labelled pixel appears exactly once per epoch, except the final
     partial batch (< batch_size pixels) which is dropped when drop_last (the official setting).
+    max_batches: only the first that many batches (the same ones), building only the slices they need.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if max_batches is not None and max_batches < 1:
+        raise ValueError(f"max_batches must be >= 1 or None, got {max_batches}")
+    batches = _cut_batches(epoch_slices(image_ids, load_label, slice_features, ignore_label, epoch, seed,
+                                        images_per_buffer, slice_pixels, prefetch, device,
+                                        None if max_batches is None else max_batches * batch_size),
+                           batch_size, drop_last)
+    yield from batches if max_batches is None else itertools.islice(batches, max_batches)
+
+
+def _cut_batches(slices: Iterator[tuple[Tensor, Tensor]], batch_size: int,
+                 drop_last: bool) -> Iterator[tuple[Tensor, Tensor]]:
+    """epoch_batches' batches from an epoch's slices (the remainder of a slice carried into the next)."""
     carry_features: Tensor | None = None
     carry_labels: Tensor | None = None
-    for features, labels in epoch_slices(image_ids, load_label, slice_features, ignore_label, epoch, seed,
-                                         images_per_buffer, slice_pixels, prefetch, device):
+    for features, labels in slices:
         if carry_features is not None and carry_features.shape[1] != features.shape[1]:
             raise ValueError(f"slice_features returned {features.shape[1]} features per pixel after "
                              f"{carry_features.shape[1]} for earlier pixels of the epoch")

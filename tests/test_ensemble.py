@@ -147,6 +147,27 @@ def test_epoch_batches_are_cut_from_epoch_slices():
     assert len(batches) == 3 * 64 // 16
 
 
+def test_an_epoch_cut_at_a_number_of_batches_builds_only_the_slices_it_uses():
+    labels = {f"img{i}": (torch.arange(64).reshape(8, 8) % 3).numpy() for i in range(3)}
+    built = []
+
+    def slice_features(part: pixels.PixelSlice) -> torch.Tensor:
+        built.append(len(part.labels))
+        return torch.stack([part.image.float(), part.ys.float(), part.xs.float()], 1)
+
+    args = (list(labels), labels.__getitem__, slice_features, 255)
+    every = list(pixels.epoch_batches(*args, 16, 2, 7, images_per_buffer=2, slice_pixels=50, prefetch=False))
+    built.clear()
+    first = list(pixels.epoch_batches(*args, 16, 2, 7, images_per_buffer=2, slice_pixels=50, max_batches=4))
+    assert len(first) == 4 and all(torch.equal(a[0], b[0]) for a, b in zip(first, every))
+    assert built == [50, 50]  # 64 pixels: the first two slices (of 50, 50, 28, 50, 14), none prefetched beyond
+    built.clear()
+    slices = list(pixels.epoch_slices(*args, 2, 7, images_per_buffer=2, slice_pixels=50, max_pixels=101))
+    assert [len(y) for _, y in slices] == built == [50, 50, 28]
+    with pytest.raises(ValueError, match="max_batches"):
+        next(pixels.epoch_batches(*args, 16, 2, 7, max_batches=0))
+
+
 def test_training_step_flops_counts_the_three_layers():
     assert ensemble.training_step_flops(20, 8448, 64) == 2.0 * 64 * (2 * 8448 * 128 + 3 * (128 * 32 + 32 * 20))
 
