@@ -8,6 +8,8 @@
     ddpmseg config presets | show CONFIG
     ddpmseg fetch checkpoint PRESET|NAME... | datasets | list    the official assets, into $DDPMSEG_HOME
     ddpmseg reproduce PRESET... [--seeds 0,1,2] [--recipe paper|improved]   ours vs the published mIoU
+    ddpmseg synthesize CONFIG --samples N [--respacing K] [--ddim]   DatasetDDPM: samples into the store
+    ddpmseg segmenter train CONFIG [--samples N]  DatasetDDPM: a DeepLabV3 on labelled samples vs the ensemble
 """
 from __future__ import annotations
 
@@ -319,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from flows.analysis_cli import add_analysis_commands
     from flows.backbone_cli import add_backbone_commands
+    from flows.datasetddpm_cli import add_datasetddpm_commands
     from flows.fetch_cli import add_fetch_commands
     from flows.reproduce import add_reproduce_command
 
@@ -326,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_analysis_commands(sub)
     add_fetch_commands(sub)
     add_reproduce_command(sub)
+    add_datasetddpm_commands(sub)
 
     sp = sub.add_parser("config", help="import official experiment files, list presets, show a resolved config")
     csub = sp.add_subparsers(dest="config_cmd", required=True)

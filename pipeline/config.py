@@ -235,6 +235,32 @@ class PostprocessConfig(_Strict):
     closing: bool = False  # 3x3-cross morphological closing of predicted masks (hurt on 3 of 4 data sets)
 
 
+class DatasetDDPMConfig(_Strict):
+    """DatasetDDPM (the official generate_dataset.py + train_deeplab.py): samples drawn from the ddpm backbone,
+    labelled by the trained ensemble, a segmentation network trained on the kept ones."""
+
+    samples: int = Field(1000, ge=1)  # images drawn (official 10000); `ddpmseg synthesize --samples` overrides
+    batch_size: int = Field(8, ge=1)  # samples drawn together (official 100); part of each batch's key
+    respacing: str = ""  # timestep_respacing: "" every step (official), "K" evenly strided, "ddimK"
+    ddim: bool = False  # ddim_sample_loop (eta 0) instead of p_sample_loop (official: False)
+    clip_denoised: bool = True  # clip each step's x_0 prediction to [-1, 1] (official: True)
+    seed: int = 0  # each sample's noise comes from (seed, its index)
+    uncertainty_portion: float = Field(0.1, ge=0, lt=1)  # share of most uncertain samples dropped (official 0.1)
+    max_data: int = Field(0, ge=0)  # use only the first max_data samples; 0: all (official script: 50000)
+    backbone: str = "resnet101"  # torchvision DeepLabV3's backbone (pipeline/deeplab.py: the names it builds)
+    resolution: int | None = Field(None, ge=8)  # segmenter input size; default: the image size (official 256)
+    learning_rate: float = Field(1e-3, gt=0)  # Adam (official)
+    segmenter_batch_size: int = Field(8, ge=1)  # official 8
+    epochs: int = Field(20, ge=1)  # official 20, a checkpoint per epoch
+    model_selection: Literal["validation", "last"] = "validation"  # best mIoU on the labelled training images
+    #                                                 (the official validation_path is real/train), or the last epoch
+
+    @field_validator("respacing", mode="before")
+    @classmethod
+    def _respacing_text(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
 class ExperimentConfig(_Strict):
     recipe: Literal["paper", "improved"] = "paper"
     seed: int | None = None  # the official --seed: features.seed and classifier.seed inherit it unless set
@@ -246,6 +272,7 @@ class ExperimentConfig(_Strict):
     augmentation: AugmentationConfig = Field(default_factory=AugmentationConfig)
     tta: TTAConfig = Field(default_factory=TTAConfig)
     postprocess: PostprocessConfig = Field(default_factory=PostprocessConfig)
+    datasetddpm: DatasetDDPMConfig = Field(default_factory=DatasetDDPMConfig)
     store: str = "ddpmseg-store"
     store_read_only: bool = False  # consumers of a shared store: any stage that would need writing is an error
     output_dir: str | None = None

@@ -182,10 +182,13 @@ def write_member(loc: StoreLocation, train_key: str, index: int, state_dict: dic
 
     buf = io.BytesIO()
     torch.save({"state_dict": state_dict, "meta": meta}, buf)
-    payload = buf.getvalue()
-    base = member_key(train_key, index)
+    _write_payload(loc, member_key(train_key, index), f"models/{train_key}", buf.getvalue(), meta)
+
+
+def _write_payload(loc: StoreLocation, base: str, parent: str, payload: bytes, meta: dict[str, Any]) -> None:
+    """bytes + their crc32c as the one chunk of the (n,) uint8 array `base`, then its zarr.json (meta, sha256)."""
     loc.write_bytes(f"{base}/{MEMBER_CHUNK}", payload + struct.pack("<I", google_crc32c.value(payload)))
-    _ensure_groups(loc, f"models/{train_key}")
+    _ensure_groups(loc, parent)
     plain_meta = json.loads(json.dumps(meta, default=json_default))
     attributes = {"meta": plain_meta, "sha256": hashlib.sha256(payload).hexdigest(), "committed": _stamp()}
     loc.write_bytes(f"{base}/{ZARR_JSON}", _member_document(len(payload), attributes))  # commit marker, last
@@ -197,11 +200,36 @@ def read_member(loc: StoreLocation, train_key: str, index: int) -> tuple[bytes, 
 
     FileNotFoundError when not committed; CorruptObjectError naming the member when a byte changed."""
     base = member_key(train_key, index)
+    if read_document(loc, f"{base}/{ZARR_JSON}") is None and loc.exists(base + ".json"):
+        return _read_legacy_member(loc, base)
+    return _read_payload(loc, base, "member not committed (run the train stage)")
+
+
+# -- segmenter checkpoints (DatasetDDPM): the member layout, one per epoch --------------------------------------
+def checkpoint_key(segmenter_key: str, epoch: int) -> str:
+    """A segmenter's checkpoint after `epoch` (0-based): a (n,) uint8 array like a member."""
+    return f"segmenters/{segmenter_key}/epoch_{epoch:03d}"
+
+
+def checkpoint_committed(loc: StoreLocation, segmenter_key: str, epoch: int) -> bool:
+    return loc.exists(f"{checkpoint_key(segmenter_key, epoch)}/{ZARR_JSON}")
+
+
+def write_checkpoint(loc: StoreLocation, segmenter_key: str, epoch: int, payload: bytes,
+                     meta: dict[str, Any]) -> None:
+    """A checkpoint's bytes (pipeline.segmenter.checkpoint_bytes), commit-last like a member."""
+    _write_payload(loc, checkpoint_key(segmenter_key, epoch), f"segmenters/{segmenter_key}", payload, meta)
+
+
+def read_checkpoint(loc: StoreLocation, segmenter_key: str, epoch: int) -> tuple[bytes, dict[str, Any]]:
+    """The checked bytes and meta of a committed checkpoint (FileNotFoundError / CorruptObjectError)."""
+    return _read_payload(loc, checkpoint_key(segmenter_key, epoch), "checkpoint not committed")
+
+
+def _read_payload(loc: StoreLocation, base: str, missing: str) -> tuple[bytes, dict[str, Any]]:
     document = read_document(loc, f"{base}/{ZARR_JSON}")
     if document is None:
-        if loc.exists(base + ".json"):
-            return _read_legacy_member(loc, base)
-        raise FileNotFoundError(f"{loc.path(base)}: member not committed (run the train stage)")
+        raise FileNotFoundError(f"{loc.path(base)}: {missing}")
     attributes = document.get("attributes") or {}
     size = (document.get("shape") or [None])[0]
     if not isinstance(attributes.get("meta"), dict) or "sha256" not in attributes or not isinstance(size, int):
@@ -209,11 +237,11 @@ def read_member(loc: StoreLocation, train_key: str, index: int) -> tuple[bytes, 
     try:
         chunk = loc.read_bytes(f"{base}/{MEMBER_CHUNK}")
     except FileNotFoundError:
-        raise _corrupt(loc, base, "committed member whose bytes are missing") from None
+        raise _corrupt(loc, base, "committed, but its bytes are missing") from None
     payload, stored_crc = chunk[:-4], chunk[-4:]
     if (len(chunk) != size + 4 or struct.pack("<I", google_crc32c.value(payload)) != stored_crc
             or hashlib.sha256(payload).hexdigest() != attributes["sha256"]):
-        raise _corrupt(loc, base, "member bytes do not match their checksum (corrupted after they were written)")
+        raise _corrupt(loc, base, "bytes do not match their checksum (corrupted after they were written)")
     return payload, attributes["meta"]
 
 

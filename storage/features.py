@@ -340,6 +340,21 @@ class FeatureStore:
             self._write_array(f"{base}/input", np.asarray(image, np.float32), ("channel", "y", "x"), attrs)
         self._write_array(f"{base}/label-{label_hash}", np.asarray(label, np.uint8), ("y", "x"), attrs)
 
+    def view_input_committed(self, view: str, image_id: str) -> bool:
+        return self._committed_array(f"views/{view}/{image_id}/input") is not None
+
+    def write_view_input(self, view: str, image_id: str, image: np.ndarray, attrs: dict[str, Any]) -> None:
+        """An image without a label yet (a sample drawn from the backbone): (3, H, W) float32 in [-1, 1]."""
+        if self._committed_array(f"views/{view}/{image_id}/input") is None:
+            self._write_array(f"views/{view}/{image_id}/input", np.asarray(image, np.float32), ("channel", "y", "x"),
+                              attrs)
+
+    def write_view_label(self, view: str, image_id: str, label: np.ndarray, label_hash: str,
+                         attrs: dict[str, Any]) -> None:
+        """A label (H, W) uint8 of an image already in the store (e.g. a sample's predicted mask), under its hash."""
+        self._write_array(f"views/{view}/{image_id}/label-{label_hash}", np.asarray(label, np.uint8), ("y", "x"),
+                          attrs)
+
     def read_view_input(self, view: str, image_id: str) -> np.ndarray:
         return self._read(self._require(f"views/{view}/{image_id}/input"), f"view {view} image {image_id} input")
 

@@ -62,6 +62,8 @@ def _node_kind(path: str) -> str:
         return "array"
     if top == "models" and len(parts) == 3:
         return "member"
+    if top == "segmenters" and len(parts) == 3:
+        return "checkpoint"
     if top == "stages" and len(parts) == 3:
         return "record"
     if top == "evaluations" and len(parts) == 3 and parts[2] == "metrics":
@@ -95,6 +97,10 @@ def _check_node(store: FeatureStore, zstore, path: str, document: dict) -> Probl
             members_key, name = path.split("/")[1:]
             if re.fullmatch(r"member_\d+", name):
                 artifacts.read_member(loc, members_key, int(name[len("member_"):]))
+        elif kind == "checkpoint":
+            segmenter_key, name = path.split("/")[1:]
+            if re.fullmatch(r"epoch_\d+", name):
+                artifacts.read_checkpoint(loc, segmenter_key, int(name[len("epoch_"):]))
         elif kind == "record":
             stage, key_value = path.split("/")[1:]
             artifacts.read_record(loc, stage, key_value)
@@ -151,7 +157,7 @@ def verify(store: FeatureStore, repair: bool = False) -> list[Problem]:
             reason = artifacts.legacy_member_problem(loc.read_bytes(key))
             if reason:
                 problems.append(Problem("corrupt", key, detail=reason))
-        elif key.startswith("models/") and key.endswith(f"/{artifacts.MEMBER_CHUNK}"):
+        elif key.startswith(("models/", "segmenters/")) and key.endswith(f"/{artifacts.MEMBER_CHUNK}"):
             if key[:-len(artifacts.MEMBER_CHUNK)] + artifacts.ZARR_JSON not in present:
                 problems.append(Problem("incomplete", key.rsplit("/", 1)[0], detail="member without commit marker"))
         elif key.endswith(".json") and (key.startswith("stages/") or key.endswith("/metrics.json")):

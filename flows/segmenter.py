@@ -1,0 +1,170 @@
+"""The segmenter stages (DatasetDDPM, the official train_deeplab.py): a DeepLabV3 trained on the labelled
+synthetic samples, then evaluated on the real test split like the pixel ensemble.
+
+train: the samples kept by the official filter (pipeline.segmenter.kept_indices: the first max_data, then the
+most and least uncertain dropped) train the network (pipeline.segmenter.train_segmenter); after every epoch its
+checkpoint is stored (segmenters/<key>/epoch_<EEE>, commit-last, checksummed), so a killed run resumes after the
+last committed epoch. The key holds the label key, the filter and the network's settings: a new uncertainty
+portion trains again without sampling or labelling.
+
+evaluate: model selection as official: the epoch with the best official mIoU on the validation images (the
+official validation_path is the labelled real training split), or the last epoch (datasetddpm.model_selection:
+last); its masks and scores on the test split are stored and written like the ensemble's (flows/outputs.py).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+
+from pipeline import metrics, sampling
+from pipeline.backbone import resolve_device
+from pipeline.config import ExperimentConfig
+from storage import artifacts
+from storage.features import FeatureStore, StoreError
+from storage.keys import Key
+from flows.label import label_key, labelled_samples
+from flows.stage_keys import BASE_VIEW, ImageRef
+from flows.synthesize import SamplingPlan
+
+
+def segmenter_settings(cfg: ExperimentConfig):
+    """pipeline.segmenter.SegmenterSettings from the datasetddpm section (resolution: the image size unless set)."""
+    from pipeline.segmenter import SegmenterSettings
+
+    d = cfg.datasetddpm
+    return SegmenterSettings(backbone=d.backbone, resolution=d.resolution or cfg.image_size,
+                             learning_rate=d.learning_rate, batch_size=d.segmenter_batch_size, epochs=d.epochs,
+                             seed=d.seed, uncertainty_portion=d.uncertainty_portion, max_data=d.max_data)
+
+
+def segmenter_key(cfg: ExperimentConfig, plan: SamplingPlan, train: Key) -> Key:
+    return Key("segmenter", {"labels": label_key(cfg, plan, train).value, "settings": asdict(segmenter_settings(cfg)),
+                             "number_class": cfg.dataset.number_class})
+
+
+def checkpoints_key(key: Key) -> str:
+    """Where a segmenter's checkpoints live (segmenters/<this>/epoch_<EEE>)."""
+    return key.value[:32]
+
+
+def committed_epochs(cfg: ExperimentConfig, store: FeatureStore, key: Key) -> list[int]:
+    return [e for e in range(cfg.datasetddpm.epochs)
+            if artifacts.checkpoint_committed(store.location, checkpoints_key(key), e)]
+
+
+def _checkpoint(store: FeatureStore, key: Key, epoch: int) -> dict[str, Any]:
+    from pipeline.segmenter import load_checkpoint
+
+    payload, _ = artifacts.read_checkpoint(store.location, checkpoints_key(key), epoch)
+    try:
+        return load_checkpoint(payload)
+    except ValueError as err:
+        raise StoreError(f"{store.location.path(artifacts.checkpoint_key(checkpoints_key(key), epoch))}: {err}; "
+                         f"run `ddpmseg store verify {store.location.url} --repair`") from None
+
+
+def kept_samples(cfg: ExperimentConfig, store: FeatureStore, plan: SamplingPlan,
+                 train: Key) -> tuple[list[ImageRef], np.ndarray, np.ndarray]:
+    """(labelled refs, their uncertainties, the indices the official filter keeps)."""
+    from pipeline.segmenter import kept_indices
+
+    refs, uncertainties = labelled_samples(cfg, store, plan, train)
+    values = np.asarray(uncertainties, dtype=np.float64)
+    return refs, values, kept_indices(values, cfg.datasetddpm.uncertainty_portion, cfg.datasetddpm.max_data)
+
+
+def train(cfg: ExperimentConfig, store: FeatureStore, plan: SamplingPlan, train_key: Key,
+          progress: bool = True) -> dict[str, Any]:
+    """Train the segmenter on the kept samples, resuming after the last committed epoch; writes the record
+    (the kept image ids) once every epoch is committed. Returns {"ran", "epochs_trained", "kept"}."""
+    from pipeline.segmenter import checkpoint_bytes, train_segmenter
+
+    key = segmenter_key(cfg, plan, train_key)
+    loc = store.location
+    if artifacts.read_record(loc, "segmenter", key.value) is not None:
+        return {"ran": False, "epochs_trained": 0}
+    refs, uncertainties, kept = kept_samples(cfg, store, plan, train_key)
+    if len(kept) == 0:
+        raise StoreError(f"no synthetic sample is left after the uncertainty filter (samples {plan.samples}, "
+                         f"uncertainty_portion {cfg.datasetddpm.uncertainty_portion}, max_data "
+                         f"{cfg.datasetddpm.max_data}): draw more samples (--samples)")
+    chosen = [refs[i] for i in kept]
+    images = np.stack([sampling.to_uint8(store.read_view_input(BASE_VIEW, r.image_id)) for r in chosen])
+    masks = np.stack([store.read_view_label(BASE_VIEW, r.image_id, r.label_hash) for r in chosen])
+    done = committed_epochs(cfg, store, key)
+    last = max(done) if done else None
+    epochs_before = 0 if last is None else last + 1
+    start = None if last is None else _checkpoint(store, key, last)
+    trained = []
+
+    def on_epoch(epoch: int, checkpoint: dict[str, Any]) -> None:
+        artifacts.write_checkpoint(loc, checkpoints_key(key), epoch, checkpoint_bytes(checkpoint),
+                                   {"epoch": epoch, "segmenter_key": key.value, "samples": len(chosen)})
+        trained.append(epoch)
+
+    settings = segmenter_settings(cfg)
+    if epochs_before < settings.epochs:
+        train_segmenter(images, masks, cfg.dataset.number_class, settings, device=str(resolve_device(
+            cfg.classifier.device)), start=start, on_epoch=on_epoch, progress=progress)
+    missing = [e for e in range(settings.epochs) if not artifacts.checkpoint_committed(loc, checkpoints_key(key), e)]
+    if missing:
+        raise StoreError(f"segmenter {key.short}: epochs {missing} were not checkpointed")
+    artifacts.write_record(loc, key, {"kept_image_ids": [r.image_id for r in chosen],
+                                      "kept_indices": [int(i) for i in kept], "uncertainties": uncertainties.tolist(),
+                                      "epochs": settings.epochs, "checkpoints": checkpoints_key(key)})
+    return {"ran": True, "epochs_trained": len(trained), "kept": len(chosen)}
+
+
+def evaluate_key(cfg: ExperimentConfig, segmenter: Key, validation: list[ImageRef], test: list[ImageRef]) -> Key:
+    selection = cfg.datasetddpm.model_selection
+    return Key("segmenter-evaluate", {
+        "segmenter": segmenter.value, "model_selection": selection,
+        "validation": [[r.image_id, r.label_hash] for r in validation] if selection == "validation" else [],
+        "images": [[r.image_id, r.label_hash] for r in test], "evaluation": cfg.evaluation.model_dump()})
+
+
+def _real_images(store: FeatureStore, refs: list[ImageRef]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """A split's images as uint8 (H, W, 3) (the stored inputs are k / 127.5 - 1: rounded back to k) and labels."""
+    images = np.stack([np.rint((store.read_view_input(BASE_VIEW, r.image_id) + 1) * 127.5).clip(0, 255)
+                       .astype(np.uint8).transpose(1, 2, 0) for r in refs])
+    return images, [store.read_view_label(BASE_VIEW, r.image_id, r.label_hash) for r in refs]
+
+
+def evaluate(cfg: ExperimentConfig, store: FeatureStore, plan: SamplingPlan, train_key: Key,
+             validation: list[ImageRef], test: list[ImageRef], key: Key) -> dict[str, Any]:
+    """Select the epoch (validation mIoU or last), predict the test split, score it, persist masks and metrics."""
+    from pipeline.segmenter import model_from_checkpoint, predict_segmenter
+
+    seg_key = segmenter_key(cfg, plan, train_key)
+    d, settings = cfg.dataset, segmenter_settings(cfg)
+    device = str(resolve_device(cfg.classifier.device))
+
+    def model_at(epoch: int):
+        return model_from_checkpoint(_checkpoint(store, seg_key, epoch), settings, d.number_class, device=device)
+
+    validation_miou: dict[str, float] = {}
+    selected = settings.epochs - 1
+    if cfg.datasetddpm.model_selection == "validation":
+        images, labels = _real_images(store, validation)
+        best = -1.0
+        for epoch in range(settings.epochs):
+            preds = predict_segmenter(model_at(epoch), images, settings.resolution, device=device)
+            miou = 100 * metrics.score(list(preds), labels, d.number_class, d.ignore_label).official_miou
+            validation_miou[str(epoch)] = miou
+            if miou > best:  # the first of equal scores, as the official strict comparison
+                best, selected = miou, epoch
+    images, labels = _real_images(store, test)
+    masks = predict_segmenter(model_at(selected), images, settings.resolution, device=device).astype(np.uint8)
+    scores = metrics.score(list(masks), labels, d.number_class, d.ignore_label)
+    mask_path = artifacts.write_masks(store.root, key.value, masks, [r.image_id for r in test], [r.stem for r in test])
+    result = {
+        "miou": 100 * scores.official_miou, "miou_standard": 100 * scores.standard_miou,
+        "pixel_accuracy": 100 * scores.pixel_accuracy, "scores": scores.to_dict(),
+        "images": [asdict(r) for r in test], "class_names": d.class_names, "masks_store_path": mask_path,
+        "model_selection": cfg.datasetddpm.model_selection, "selected_epoch": selected,
+        "validation_miou": validation_miou, "segmenter_key": seg_key.value,
+    }
+    artifacts.write_metrics(store.location, key.value, result)
+    return result
