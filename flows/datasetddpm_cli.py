@@ -29,6 +29,10 @@ def _run(args: argparse.Namespace, stages: list[str]) -> dict[str, Any]:
     from flows.runner import start_embedded_prefect, store_url
 
     cfg, plan = _plan(args)
+    if "segmenter" in stages:
+        from flows.segmenter import segmenter_settings
+
+        segmenter_settings(cfg)  # an unknown backbone fails here, before Prefect
     from flows.datasetddpm import datasetddpm
 
     start_embedded_prefect()
@@ -58,8 +62,9 @@ def cmd_segmenter(args: argparse.Namespace) -> int:
 def format_summary(summary: dict[str, Any]) -> str:
     seg, ens = summary["segmenter"], summary["ensemble"]
     stages = ", ".join(f"{k}: {v}" for k, v in summary["stages"].items())
-    chosen = (f"epoch {seg['selected_epoch'] + 1}, best validation mIoU (labelled training images)"
-              if seg["model_selection"] == "validation" else f"last epoch ({seg['selected_epoch'] + 1})")
+    why = {"validation": "the best validation mIoU (the labelled real training images, as official)",
+           "last": "the last epoch"}.get(seg["model_selection"], seg["model_selection"])
+    chosen = f"epoch {seg['selected_epoch'] + 1}: {why}"
     return "\n".join([
         f"stages      {stages}",
         f"samples     {summary['samples']} ({summary['samples_drawn']} drawn now)   labelled now "

@@ -20,7 +20,7 @@ import numpy as np
 
 from pipeline import metrics, sampling
 from pipeline.backbone import resolve_device
-from pipeline.config import ExperimentConfig
+from pipeline.config import ConfigError, ExperimentConfig
 from storage import artifacts
 from storage.features import FeatureStore, StoreError
 from storage.keys import Key
@@ -30,13 +30,18 @@ from flows.synthesize import SamplingPlan
 
 
 def segmenter_settings(cfg: ExperimentConfig):
-    """pipeline.segmenter.SegmenterSettings from the datasetddpm section (resolution: the image size unless set)."""
+    """pipeline.segmenter.SegmenterSettings from the datasetddpm section (resolution: the image size unless set,
+    the official deeplab_res being the 256 of every data set); ConfigError naming a setting it refuses."""
     from pipeline.segmenter import SegmenterSettings
 
     d = cfg.datasetddpm
-    return SegmenterSettings(backbone=d.backbone, resolution=d.resolution or cfg.image_size,
-                             learning_rate=d.learning_rate, batch_size=d.segmenter_batch_size, epochs=d.epochs,
-                             seed=d.seed, uncertainty_portion=d.uncertainty_portion, max_data=d.max_data)
+    try:
+        return SegmenterSettings(backbone=d.backbone, resolution=d.resolution or cfg.image_size,
+                                 learning_rate=d.learning_rate, batch_size=d.segmenter_batch_size, epochs=d.epochs,
+                                 seed=d.seed, uncertainty_portion=d.uncertainty_portion, max_data=d.max_data,
+                                 uncertainty_rule=d.uncertainty_rule)
+    except ValueError as err:
+        raise ConfigError(f"{cfg.source_path or 'the config'}: datasetddpm: {err}") from None
 
 
 def segmenter_key(cfg: ExperimentConfig, plan: SamplingPlan, train: Key) -> Key:
@@ -57,10 +62,12 @@ def committed_epochs(cfg: ExperimentConfig, store: FeatureStore, key: Key) -> li
 def _checkpoint(store: FeatureStore, key: Key, epoch: int) -> dict[str, Any]:
     from pipeline.segmenter import load_checkpoint
 
+    from pipeline.torchfile import TorchFileError
+
     payload, _ = artifacts.read_checkpoint(store.location, checkpoints_key(key), epoch)
     try:
         return load_checkpoint(payload)
-    except ValueError as err:
+    except (ValueError, TorchFileError) as err:
         raise StoreError(f"{store.location.path(artifacts.checkpoint_key(checkpoints_key(key), epoch))}: {err}; "
                          f"run `ddpmseg store verify {store.location.url} --repair`") from None
 
@@ -72,7 +79,11 @@ def kept_samples(cfg: ExperimentConfig, store: FeatureStore, plan: SamplingPlan,
 
     refs, uncertainties = labelled_samples(cfg, store, plan, train)
     values = np.asarray(uncertainties, dtype=np.float64)
-    return refs, values, kept_indices(values, cfg.datasetddpm.uncertainty_portion, cfg.datasetddpm.max_data)
+    d = cfg.datasetddpm
+    try:
+        return refs, values, kept_indices(values, d.uncertainty_portion, d.max_data, d.uncertainty_rule)
+    except ValueError as err:  # e.g. the official rule keeps nothing of fewer than ~310 samples at 0.1
+        raise ConfigError(f"{cfg.source_path or 'the config'}: datasetddpm: {err}") from None
 
 
 def train(cfg: ExperimentConfig, store: FeatureStore, plan: SamplingPlan, train_key: Key,
@@ -86,10 +97,6 @@ def train(cfg: ExperimentConfig, store: FeatureStore, plan: SamplingPlan, train_
     if artifacts.read_record(loc, "segmenter", key.value) is not None:
         return {"ran": False, "epochs_trained": 0}
     refs, uncertainties, kept = kept_samples(cfg, store, plan, train_key)
-    if len(kept) == 0:
-        raise StoreError(f"no synthetic sample is left after the uncertainty filter (samples {plan.samples}, "
-                         f"uncertainty_portion {cfg.datasetddpm.uncertainty_portion}, max_data "
-                         f"{cfg.datasetddpm.max_data}): draw more samples (--samples)")
     chosen = [refs[i] for i in kept]
     images = np.stack([sampling.to_uint8(store.read_view_input(BASE_VIEW, r.image_id)) for r in chosen])
     masks = np.stack([store.read_view_label(BASE_VIEW, r.image_id, r.label_hash) for r in chosen])
@@ -106,8 +113,11 @@ def train(cfg: ExperimentConfig, store: FeatureStore, plan: SamplingPlan, train_
 
     settings = segmenter_settings(cfg)
     if epochs_before < settings.epochs:
-        train_segmenter(images, masks, cfg.dataset.number_class, settings, device=str(resolve_device(
-            cfg.classifier.device)), start=start, on_epoch=on_epoch, progress=progress)
+        try:
+            train_segmenter(images, masks, cfg.dataset.number_class, settings, device=resolve_device(
+                cfg.classifier.device), start=start, on_epoch=on_epoch, progress=progress)
+        except ValueError as err:  # refused data (fewer kept samples than a batch) or a checkpoint of another run
+            raise ConfigError(f"{cfg.source_path or 'the config'}: datasetddpm segmenter: {err}") from None
     missing = [e for e in range(settings.epochs) if not artifacts.checkpoint_committed(loc, checkpoints_key(key), e)]
     if missing:
         raise StoreError(f"segmenter {key.short}: epochs {missing} were not checkpointed")
@@ -135,26 +145,28 @@ def _real_images(store: FeatureStore, refs: list[ImageRef]) -> tuple[np.ndarray,
 def evaluate(cfg: ExperimentConfig, store: FeatureStore, plan: SamplingPlan, train_key: Key,
              validation: list[ImageRef], test: list[ImageRef], key: Key) -> dict[str, Any]:
     """Select the epoch (validation mIoU or last), predict the test split, score it, persist masks and metrics."""
-    from pipeline.segmenter import model_from_checkpoint, predict_segmenter
+    from pipeline.segmenter import load_segmenter, predict_segmenter, select_checkpoint
 
     seg_key = segmenter_key(cfg, plan, train_key)
     d, settings = cfg.dataset, segmenter_settings(cfg)
-    device = str(resolve_device(cfg.classifier.device))
+    device = resolve_device(cfg.classifier.device)
 
     def model_at(epoch: int):
-        return model_from_checkpoint(_checkpoint(store, seg_key, epoch), settings, d.number_class, device=device)
+        what = store.location.path(artifacts.checkpoint_key(checkpoints_key(seg_key), epoch))
+        return load_segmenter(_checkpoint(store, seg_key, epoch), device=device, what=what)
 
-    validation_miou: dict[str, float] = {}
-    selected = settings.epochs - 1
-    if cfg.datasetddpm.model_selection == "validation":
+    validation_miou: dict[int, float] = {}
+    selected, selection = settings.epochs - 1, cfg.datasetddpm.model_selection
+    if selection == "validation":
         images, labels = _real_images(store, validation)
-        best = -1.0
         for epoch in range(settings.epochs):
             preds = predict_segmenter(model_at(epoch), images, settings.resolution, device=device)
-            miou = 100 * metrics.score(list(preds), labels, d.number_class, d.ignore_label).official_miou
-            validation_miou[str(epoch)] = miou
-            if miou > best:  # the first of equal scores, as the official strict comparison
-                best, selected = miou, epoch
+            validation_miou[epoch] = 100 * metrics.score(list(preds), labels, d.number_class,
+                                                         d.ignore_label).official_miou
+        try:
+            selected = select_checkpoint(validation_miou)  # the official order and tie rule
+        except ValueError:  # no epoch above 0: the official has no checkpoint to test; the last one is
+            selection = "last (no epoch scored above 0 on the validation images)"
     images, labels = _real_images(store, test)
     masks = predict_segmenter(model_at(selected), images, settings.resolution, device=device).astype(np.uint8)
     scores = metrics.score(list(masks), labels, d.number_class, d.ignore_label)
@@ -163,8 +175,8 @@ def evaluate(cfg: ExperimentConfig, store: FeatureStore, plan: SamplingPlan, tra
         "miou": 100 * scores.official_miou, "miou_standard": 100 * scores.standard_miou,
         "pixel_accuracy": 100 * scores.pixel_accuracy, "scores": scores.to_dict(),
         "images": [asdict(r) for r in test], "class_names": d.class_names, "masks_store_path": mask_path,
-        "model_selection": cfg.datasetddpm.model_selection, "selected_epoch": selected,
-        "validation_miou": validation_miou, "segmenter_key": seg_key.value,
+        "model_selection": selection, "selected_epoch": selected,
+        "validation_miou": {str(e): v for e, v in validation_miou.items()}, "segmenter_key": seg_key.value,
     }
     artifacts.write_metrics(store.location, key.value, result)
     return result

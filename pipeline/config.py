@@ -247,7 +247,10 @@ class DatasetDDPMConfig(_Strict):
     seed: int = 0  # each sample's noise comes from (seed, its index)
     uncertainty_portion: float = Field(0.1, ge=0, lt=1)  # share of most uncertain samples dropped (official 0.1)
     max_data: int = Field(0, ge=0)  # use only the first max_data samples; 0: all (official script: 50000)
-    backbone: str = "resnet101"  # torchvision DeepLabV3's backbone (pipeline/deeplab.py: the names it builds)
+    #: official: sorted by uncertainty, [30 : -int(N * portion) + 30] kept (needs int(N * portion) > 30, so
+    #: N > 300 at 0.1); most_uncertain: only the int(N * portion) most uncertain dropped (pipeline/segmenter.py)
+    uncertainty_rule: Literal["official", "most_uncertain"] = "official"
+    backbone: str = "resnet101"  # DeepLabV3's backbone (pipeline/deeplab.py): resnet101 | resnet50 | ddpmseg_resnet18
     resolution: int | None = Field(None, ge=8)  # segmenter input size; default: the image size (official 256)
     learning_rate: float = Field(1e-3, gt=0)  # Adam (official)
     segmenter_batch_size: int = Field(8, ge=1)  # official 8

@@ -51,7 +51,7 @@ def write_tiny_experiment(root, n_train: int = 4, n_test: int = 3, **overrides) 
     cfg["features"].update(steps=[50, 150], blocks=[2, 3, 4], batch_size=4)
     cfg["classifier"].update(model_num=2, max_epochs=2)
     for section, values in overrides.items():
-        cfg[section].update(values) if isinstance(values, dict) else cfg.__setitem__(section, values)
+        cfg.setdefault(section, {}).update(values) if isinstance(values, dict) else cfg.__setitem__(section, values)
     path = root / "config.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
