@@ -86,8 +86,17 @@ def cmd_run(args: argparse.Namespace, stages: tuple[str, ...]) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from flows.demo import format_table, run_demo
 
+    datasetddpm = None
+    if args.datasetddpm:
+        from flows.demo import DEMO_DATASETDDPM
+
+        datasetddpm = {**DEMO_DATASETDDPM, **({"samples": args.samples} if args.samples is not None else {})}
+        if datasetddpm["samples"] < 1:
+            from pipeline.config import ConfigError
+
+            raise ConfigError(f"--samples {args.samples}: expected at least 1")
     result = run_demo(args.out, seeds=args.seeds, n_train=args.train, n_test=args.test, members=args.members,
-                      progress=not args.quiet)
+                      progress=not args.quiet, datasetddpm=datasetddpm)
     if args.json:
         print(json.dumps(result, sort_keys=True))
         return 0
@@ -95,6 +104,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"seeds       {result['seeds']} (classifier seeds; ± = spread over them)")
     print(f"forwards    {result['unet_forwards']}   members trained {result['members_trained']}   "
           f"wall {result['wall_s']:.0f} s")
+    if result.get("datasetddpm_wall_s") is not None:
+        entry = result["features"]["datasetddpm"]
+        print(f"datasetddpm a DeepLabV3 (ddpmseg_resnet18) trained on {entry['samples']} samples of the demo backbone "
+              f"labelled by the ddpm ensemble (seed {result['seeds'][0]}); {result['datasetddpm_wall_s']:.0f} s of "
+              f"the wall time")
     print(f"metrics     {result['metrics_path']}")
     print(f"report      {result['report_path']}")
     return 0
@@ -315,6 +329,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--train", type=int, default=10, help="labelled training images (default 10)")
     sp.add_argument("--test", type=int, default=50, help="test images (default 50)")
     sp.add_argument("--members", type=int, default=10, help="MLP ensemble members (default 10, as the paper)")
+    sp.add_argument("--datasetddpm", action="store_true",
+                    help="also DatasetDDPM: sample the demo backbone (DDIM, 20 steps), label the samples with the "
+                         "ddpm ensemble, train a small DeepLabV3 on CPU, score it beside the others")
+    sp.add_argument("--samples", type=int, help="with --datasetddpm: samples to draw (default 256)")
     sp.add_argument("--json", action="store_true", help="print one JSON object (the metrics and paths) at the end")
     sp.add_argument("--quiet", action="store_true", help="no progress bars")
     sp.set_defaults(func=cmd_demo)

@@ -31,6 +31,13 @@ DEMO_BACKBONE = ASSETS_DIR / "demo_backbone.pt"
 DEMO_BACKBONE_FLAGS = ASSETS_DIR / "demo_backbone.json"
 DEMO_BLOCKS = [1, 2, 3, 4]
 DEMO_STEPS = [50, 150, 250]
+#: `ddpmseg demo --datasetddpm`: DDIM with 20 of the 1000 steps (clean samples from few steps), the small
+#: ddpmseg_resnet18 DeepLabV3 at the images' 32 px, a few epochs; a few hundred samples are too few for the official
+#: uncertainty rule (it keeps nothing unless int(N * 0.1) > 30), so the 10 % most uncertain are dropped
+DEMO_DATASETDDPM: dict[str, Any] = {
+    "samples": 256, "batch_size": 16, "respacing": "ddim20", "ddim": True, "backbone": "ddpmseg_resnet18",
+    "epochs": 5, "segmenter_batch_size": 8, "uncertainty_portion": 0.1, "uncertainty_rule": "most_uncertain",
+}
 
 
 def demo_backbone_flags() -> dict[str, Any]:
@@ -86,12 +93,14 @@ def _summarise(feature: str, runs: list[dict[str, Any]], class_names: Sequence[s
         "unet_forwards": sum(r["unet_forwards"] for r in runs),
         "members_trained": sum(r["members_trained"] for r in runs),
         "runs": [r["output_dir"] for r in runs],
+        **{k: runs[0][k] for k in ("samples", "selected_epoch", "model_selection") if k in runs[0]},
     }
 
 
 def run_demo(out: str | Path, seeds: Sequence[int] = (0,), n_train: int = 10, n_test: int = 50, members: int = 10,
              features: Sequence[str] = FEATURE_TYPES, progress: bool = True,
-             run: Callable[[Path, str], dict[str, Any]] | None = None) -> dict[str, Any]:
+             run: Callable[[Path, str], dict[str, Any]] | None = None,
+             datasetddpm: dict[str, Any] | None = None) -> dict[str, Any]:
     """Generate the data if absent, run the flow for each feature type and seed, write metrics.json and
     report.html under `out`; returns {"features": {feature: entry}, "metrics_path", "report_path", ...}.
 
@@ -119,14 +128,48 @@ def run_demo(out: str | Path, seeds: Sequence[int] = (0,), n_train: int = 10, n_
             evaluation = json.loads(Path(summary["metrics_path"]).read_text())["result"]
             results[feature].append({**summary, "seed": seed, "scores": evaluation["scores"],
                                      "output_dir": str(Path(summary["metrics_path"]).parent)})
+    datasetddpm_wall = None
+    if datasetddpm is not None:  # DatasetDDPM on the ddpm config of the first seed: its ensemble labels the samples
+        datasetddpm_started = time.perf_counter()
+        results["datasetddpm"] = [run_datasetddpm_demo(out, seeds[0], n_train, n_test, members, datasetddpm,
+                                                       progress)]
+        datasetddpm_wall = time.perf_counter() - datasetddpm_started
     entries = {f: _summarise(f, runs, synthetic.CLASS_NAMES) for f, runs in results.items()}
     metrics_path = out / "metrics.json"
     metrics_path.write_text(json.dumps(entries, indent=1))
     report_path = write_demo_report(out, entries, results, n_test)
     return {"features": entries, "metrics_path": str(metrics_path), "report_path": str(report_path),
-            "seeds": list(seeds), "wall_s": time.perf_counter() - started,
+            "seeds": list(seeds), "wall_s": time.perf_counter() - started, "datasetddpm_wall_s": datasetddpm_wall,
             "unet_forwards": sum(e["unet_forwards"] for e in entries.values()),
             "members_trained": sum(e["members_trained"] for e in entries.values())}
+
+
+def run_datasetddpm_demo(out: Path, seed: int, n_train: int, n_test: int, members: int,
+                         settings: dict[str, Any], progress: bool) -> dict[str, Any]:
+    """DatasetDDPM on the demo: the ddpm config of classifier seed `seed` with a datasetddpm section (the same
+    store and keys: its ensemble is the ddpm row's), run by the datasetddpm flow; returns a per-seed run entry."""
+    from dataclasses import asdict
+
+    from flows.datasetddpm import datasetddpm
+    from flows.runner import start_embedded_prefect
+    from flows.synthesize import sampling_plan
+    from pipeline.config import load_config
+
+    cfg = demo_config("ddpm", seed, n_train, n_test, members)
+    cfg["datasetddpm"] = dict(settings)
+    path = out / f"config-datasetddpm-s{seed}.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    plan = sampling_plan(load_config(path))
+    start_embedded_prefect()
+    summary = datasetddpm(str(path), None, asdict(plan), ["synthesize", "segmenter"], progress=progress)
+    segmenter = summary["segmenter"]
+    evaluation = json.loads(Path(segmenter["metrics_path"]).read_text())["result"]
+    return {"miou": segmenter["miou"], "miou_standard": segmenter["miou_standard"],
+            "pixel_accuracy": segmenter["pixel_accuracy"], "seed": seed, "scores": evaluation["scores"],
+            "output_dir": str(Path(segmenter["metrics_path"]).parent), "masks_path": segmenter["masks_path"],
+            "unet_forwards": summary.get("unet_forwards", 0), "members_trained": summary.get("members_trained", 0),
+            "samples": plan.samples, "samples_drawn": summary["samples_drawn"],
+            "selected_epoch": segmenter["selected_epoch"], "model_selection": segmenter["model_selection"]}
 
 
 def _test_samples(out: Path, stems: Sequence[str]) -> tuple[list[np.ndarray], list[np.ndarray]]:

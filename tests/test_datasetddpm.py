@@ -1,0 +1,211 @@
+"""DatasetDDPM (#19): samples drawn into the store, labelled by the ensemble, a segmenter trained on them.
+
+Tiny: the random tiny UNet at 32 px, 5 respaced steps, a few samples, ddpmseg_resnet18 for 2 epochs."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from flows import synthesize as synthesize_stage
+from flows.cli import main
+from pipeline.config import load_config
+from storage import artifacts
+from storage.features import FeatureStore
+from storage.location import StoreLocation
+from tests.conftest import write_tiny_experiment
+
+DATASETDDPM = {"respacing": "5", "batch_size": 2, "samples": 6, "backbone": "ddpmseg_resnet18", "epochs": 2,
+               "segmenter_batch_size": 2, "uncertainty_rule": "most_uncertain", "uncertainty_portion": 0.34}
+
+
+def _experiment(root: Path, **datasetddpm) -> Path:
+    return write_tiny_experiment(root, n_train=3, n_test=2, datasetddpm={**DATASETDDPM, **datasetddpm})
+
+
+def _json_run(capsys, argv: list[str]) -> dict:
+    capsys.readouterr()
+    assert main([*argv, "--json", "--quiet"]) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def _edit(config: Path, section: str, **values) -> None:
+    data = yaml.safe_load(config.read_text())
+    data.setdefault(section, {}).update(values)
+    config.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def test_synthesize_more_samples_draws_only_the_new_batches(tmp_path, prefect_server, capsys):
+    config = _experiment(tmp_path)
+    first = _json_run(capsys, ["synthesize", str(config), "--samples", "3"])
+    assert first["samples_drawn"] == 4  # two whole batches of 2 for 3 samples
+    cfg = load_config(config)
+    store = FeatureStore(StoreLocation.parse(cfg.store))
+    three = synthesize_stage.synthetic_refs(cfg, store, synthesize_stage.sampling_plan(cfg, 3))
+    assert len(three) == 3 and len({r.image_id for r in three}) == 3
+
+    more = _json_run(capsys, ["synthesize", str(config), "--samples", "6"])
+    assert more["samples_drawn"] == 2 and more["stages"]["synthesize"] == "ran"
+    six = synthesize_stage.synthetic_refs(cfg, store, synthesize_stage.sampling_plan(cfg, 6))
+    assert six[:3] == three  # the first samples are the same images (content ids)
+    for ref in six:  # stored like a real image: a checked float32 model input in [-1, 1], split "synthetic"
+        image = store.read_view_input("base", ref.image_id)
+        assert image.shape == (3, 32, 32) and np.isfinite(image).all() and -1 <= image.min() <= image.max() <= 1
+    again = _json_run(capsys, ["synthesize", str(config), "--samples", "6"])
+    assert again["samples_drawn"] == 0 and again["stages"]["synthesize"] == "cached"
+
+
+SYNTHESIZE = """
+import sys
+from flows import synthesize as synthesize_stage
+from pipeline.config import load_config
+from storage.features import FeatureStore
+from storage.location import StoreLocation
+cfg = load_config(sys.argv[1])
+store = FeatureStore(StoreLocation.parse(sys.argv[2]))
+plan = synthesize_stage.sampling_plan(cfg, int(sys.argv[3]))
+print(synthesize_stage.synthesize(cfg, store, plan, progress=False))
+"""
+
+
+def _batch_records(store_dir: Path) -> int:
+    return len(list(store_dir.glob(f"stages/{synthesize_stage.BATCH_STAGE}/*/zarr.json")))
+
+
+def test_sigkill_during_synthesis_resumes_at_the_next_unfinished_batch(tmp_path):
+    config = _experiment(tmp_path, batch_size=1, respacing="10")
+    cfg = load_config(config)
+    plan = synthesize_stage.sampling_plan(cfg, 5)
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen([sys.executable, "-c", SYNTHESIZE, str(config), cfg.store, "5"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).parent.parent)
+    deadline = time.time() + 180
+    while _batch_records(Path(cfg.store)) < 1 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the sampler finished before it could be killed"
+
+    store = FeatureStore(StoreLocation.parse(cfg.store))
+    left = synthesize_stage.missing_batches(cfg, store, plan)
+    assert 0 < len(left) < plan.batches
+    assert left == list(range(plan.batches - len(left), plan.batches))  # committed batches are a prefix
+    counts = synthesize_stage.synthesize(cfg, store, plan, progress=False)
+    assert counts["batches_drawn"] == len(left)
+    assert synthesize_stage.missing_batches(cfg, store, plan) == []
+    resumed = synthesize_stage.synthetic_refs(cfg, store, plan)
+
+    # the killed process's batches hold the samples this one draws (each sample seeded by its index)
+    clean = FeatureStore(StoreLocation.parse(tmp_path / "clean-store"))
+    first = synthesize_stage.sampling_plan(cfg, plan.batches - len(left))
+    synthesize_stage.synthesize(cfg, clean, first, progress=False)
+    assert [r.image_id for r in synthesize_stage.synthetic_refs(cfg, clean, first)] == \
+        [r.image_id for r in resumed[:first.samples]]
+    assert main(["store", "verify", cfg.store]) == 0
+
+
+def test_segmenter_relabels_on_a_new_train_key_and_retrains_only_on_a_new_portion(tmp_path, prefect_server,
+                                                                                     capsys):
+    from pipeline.segmenter import kept_indices
+
+    config = _experiment(tmp_path)
+    first = _json_run(capsys, ["segmenter", "train", str(config)])
+    assert first["samples_drawn"] == 6 and first["labelled"] == 6 and first["segmenter_epochs_trained"] == 2
+    seg, ensemble = first["segmenter"], first["ensemble"]
+    assert 0 <= seg["miou"] <= 100 and 0 <= ensemble["miou"] <= 100
+    assert seg["model_selection"] == "validation" and set(seg["validation_miou"]) == {"0", "1"}
+    metrics = json.loads(Path(seg["metrics_path"]).read_text())
+    assert metrics["result"]["miou"] == seg["miou"] and len(list(Path(seg["masks_path"]).glob("*.npy"))) == 2
+
+    # the stored segmenter trained on exactly kept_indices of the stored uncertainties
+    cfg = load_config(config)
+    loc = StoreLocation.parse(cfg.store)
+    record = artifacts.read_record(loc, "segmenter", first["segmenter_key"])["result"]
+    uncertainties = np.array(record["uncertainties"])
+    kept = kept_indices(uncertainties, 0.34, 0, "most_uncertain")
+    assert len(kept) == 4 and record["kept_indices"] == kept.tolist()
+    plan = synthesize_stage.sampling_plan(cfg)
+    refs = synthesize_stage.synthetic_refs(cfg, FeatureStore(loc), plan)
+    assert record["kept_image_ids"] == [refs[i].image_id for i in kept]
+    assert max(uncertainties[kept]) <= min(np.delete(uncertainties, kept))  # the 2 most uncertain are out
+    assert all(artifacts.checkpoint_committed(loc, record["checkpoints"], e) for e in range(2))
+
+    # a new train key (another classifier seed): labelled again from the stored features, no sample drawn
+    _edit(config, "classifier", seed=1)
+    relabel = _json_run(capsys, ["segmenter", "train", str(config)])
+    assert relabel["samples_drawn"] == 0 and relabel["stages"]["extract synthetic"] == "cached"
+    assert relabel["labelled"] == 6 and relabel["members_trained"] == 2
+    assert relabel["label_key"] != first["label_key"]
+
+    # a new uncertainty portion: the segmenter only
+    _edit(config, "datasetddpm", uncertainty_portion=0.5)
+    portion = _json_run(capsys, ["segmenter", "train", str(config)])
+    assert portion["samples_drawn"] == 0 and portion["labelled"] == 0 and portion["members_trained"] == 0
+    assert portion["unet_forwards"] == 0 and portion["segmenter_epochs_trained"] == 2
+    assert portion["label_key"] == relabel["label_key"] and portion["segmenter_key"] != relabel["segmenter_key"]
+    assert main(["store", "verify", cfg.store]) == 0
+
+
+def test_segmenter_resumes_after_the_last_committed_epoch(tmp_path, prefect_server, capsys):
+    from flows import segmenter as segmenter_stage
+    from flows.stage_keys import train_key
+    from flows import prepare as prepare_stage
+
+    config = _experiment(tmp_path, epochs=3)
+    first = _json_run(capsys, ["segmenter", "train", str(config)])
+    cfg = load_config(config)
+    loc = StoreLocation.parse(cfg.store)
+    store = FeatureStore(loc)
+    plan = synthesize_stage.sampling_plan(cfg)
+    split = prepare_stage.prepare(cfg, store, "train", write=False)
+    train = train_key(cfg, split.base + split.views)
+    key = segmenter_stage.segmenter_key(cfg, plan, train)
+    assert key.value == first["segmenter_key"]
+    last = artifacts.read_checkpoint(loc, segmenter_stage.checkpoints_key(key), 2)[0]
+    # as a run killed after epoch 1: no record, no checkpoint of epoch 2
+    artifacts.delete_record(loc, "segmenter", key.value)
+    loc.delete(artifacts.checkpoint_key(segmenter_stage.checkpoints_key(key), 2))
+    info = segmenter_stage.train(cfg, store, plan, train, progress=False)
+    assert info == {"ran": True, "epochs_trained": 1, "kept": 4}
+    resumed = artifacts.read_checkpoint(loc, segmenter_stage.checkpoints_key(key), 2)[0]
+    from pipeline.segmenter import load_checkpoint
+
+    a, b = load_checkpoint(last), load_checkpoint(resumed)
+    for name, tensor in a["model"].items():  # bit for bit as the uninterrupted run (CPU)
+        assert (tensor == b["model"][name]).all(), name
+
+
+@pytest.mark.parametrize("argv_tail, datasetddpm, model, expected", [
+    (["--samples", "0"], {}, None, "samples 0: expected at least 1"),
+    (["--respacing", "2000"], {}, None, "2000 steps; the schedule has 1000"),
+    ([], {"respacing": "ddim7x"}, None, "expected '' (the full schedule), an integer K or 'ddimK'"),
+    ([], {}, "rgb", "model.kind is 'rgb'; DatasetDDPM samples images from a diffusion backbone"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv_tail, datasetddpm, model, expected):
+    config = _experiment(tmp_path, **datasetddpm)
+    if model:
+        data = yaml.safe_load(config.read_text())
+        data["model"] = {"kind": model, "flags": data["model"]["flags"]}
+        config.write_text(yaml.safe_dump(data, sort_keys=False))
+    for command in (["synthesize"], ["segmenter", "train"]):
+        capsys.readouterr()
+        assert main([*command, str(config), *argv_tail]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("ddpmseg: error: ") and expected in err and len(err.splitlines()) == 1, err
+    assert not Path(load_config(config).store).exists()  # refused before anything was written
+
+
+def test_unknown_segmenter_backbone_is_one_line(tmp_path, capsys):
+    config = _experiment(tmp_path, backbone="resnet9000")
+    assert main(["segmenter", "train", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "datasetddpm" in err and "resnet9000" in err and "ddpmseg_resnet18" in err
