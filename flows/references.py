@@ -50,4 +50,25 @@ def add_references(cfg: ExperimentConfig, store: FeatureStore, refs: References)
     refs.train_keys.add(train.value)
     refs.member_keys.add(members_key(train))
     refs.evaluate_keys.add(evaluate_key(cfg, train, split_refs["test"].base).value)
+    if cfg.model.kind == "ddpm":
+        add_synthetic_references(cfg, store, refs)
     return refs
+
+
+def add_synthetic_references(cfg: ExperimentConfig, store: FeatureStore, refs: References) -> None:
+    """DatasetDDPM: every sample batch drawn from this config's backbone (any N, any sampler: a batch's record
+    must never outlive its images), their features at the config's steps, and the segmenter evaluations."""
+    from storage import artifacts
+    from storage.keys import digest
+    from flows.stage_keys import backbone_fingerprint
+    from flows.synthesize import BATCH_STAGE
+
+    backbone = digest(backbone_fingerprint(cfg))
+    for record in artifacts.list_records(store.location, BATCH_STAGE):
+        if digest(record["inputs"].get("backbone")) != backbone:
+            continue
+        ids = record["result"]["image_ids"]
+        refs.view_images.update(ids)
+        for t in cfg.features.steps:
+            refs.units.setdefault(unit_for(cfg, t).path, set()).update(ids)
+    refs.evaluate_keys.update(artifacts.record_keys(store.location, "segmenter-evaluate"))

@@ -24,7 +24,8 @@ from storage.location import StoreLocation
 from tests.conftest import write_tiny_experiment
 
 DATASETDDPM = {"respacing": "5", "batch_size": 2, "samples": 6, "backbone": "ddpmseg_resnet18", "epochs": 2,
-               "segmenter_batch_size": 2, "uncertainty_rule": "most_uncertain", "uncertainty_portion": 0.34}
+               "segmenter_batch_size": 2, "resolution": 16, "uncertainty_rule": "most_uncertain",
+               "uncertainty_portion": 0.34}
 
 
 def _experiment(root: Path, **datasetddpm) -> Path:
@@ -154,34 +155,36 @@ def test_segmenter_relabels_on_a_new_train_key_and_retrains_only_on_a_new_portio
     assert portion["label_key"] == relabel["label_key"] and portion["segmenter_key"] != relabel["segmenter_key"]
     assert main(["store", "verify", cfg.store]) == 0
 
-
-def test_segmenter_resumes_after_the_last_committed_epoch(tmp_path, prefect_server, capsys):
+    # a run killed after epoch 0 (no record, no checkpoint of epoch 1) resumes after epoch 0, bit for bit
     from flows import segmenter as segmenter_stage
-    from flows.stage_keys import train_key
     from flows import prepare as prepare_stage
+    from flows.stage_keys import train_key
+    from pipeline.segmenter import load_checkpoint
 
-    config = _experiment(tmp_path, epochs=3)
-    first = _json_run(capsys, ["segmenter", "train", str(config)])
     cfg = load_config(config)
-    loc = StoreLocation.parse(cfg.store)
     store = FeatureStore(loc)
-    plan = synthesize_stage.sampling_plan(cfg)
     split = prepare_stage.prepare(cfg, store, "train", write=False)
     train = train_key(cfg, split.base + split.views)
     key = segmenter_stage.segmenter_key(cfg, plan, train)
-    assert key.value == first["segmenter_key"]
-    last = artifacts.read_checkpoint(loc, segmenter_stage.checkpoints_key(key), 2)[0]
-    # as a run killed after epoch 1: no record, no checkpoint of epoch 2
+    assert key.value == portion["segmenter_key"]
+    where = segmenter_stage.checkpoints_key(key)
+    uninterrupted = load_checkpoint(artifacts.read_checkpoint(loc, where, 1)[0])
     artifacts.delete_record(loc, "segmenter", key.value)
-    loc.delete(artifacts.checkpoint_key(segmenter_stage.checkpoints_key(key), 2))
-    info = segmenter_stage.train(cfg, store, plan, train, progress=False)
-    assert info == {"ran": True, "epochs_trained": 1, "kept": 4}
-    resumed = artifacts.read_checkpoint(loc, segmenter_stage.checkpoints_key(key), 2)[0]
-    from pipeline.segmenter import load_checkpoint
+    loc.delete(artifacts.checkpoint_key(where, 1))
+    assert segmenter_stage.train(cfg, store, plan, train, progress=False) == {"ran": True, "epochs_trained": 1,
+                                                                             "kept": 3}
+    resumed = load_checkpoint(artifacts.read_checkpoint(loc, where, 1)[0])
+    for name, tensor in uninterrupted["model"].items():
+        assert (tensor == resumed["model"][name]).all(), name
 
-    a, b = load_checkpoint(last), load_checkpoint(resumed)
-    for name, tensor in a["model"].items():  # bit for bit as the uninterrupted run (CPU)
-        assert (tensor == b["model"][name]).all(), name
+    # gc keeps the samples, their features and labels, and the segmenter's evaluation
+    capsys.readouterr()
+    assert main(["store", "gc", str(config), "--dry-run", "--json"]) == 0
+    removed = json.loads(capsys.readouterr().out)
+    paths = [r["path"] for r in removed]
+    assert paths, "the first train key's members and evaluation are garbage"
+    assert not [p for p in paths if any(r.image_id in p for r in refs)]
+    assert not [p for p in paths if portion["segmenter"]["evaluate_key"] in p]
 
 
 @pytest.mark.parametrize("argv_tail, datasetddpm, model, expected", [
