@@ -48,9 +48,10 @@ def label_task(config: dict[str, Any], store_url: str, plan: dict[str, Any], tra
 
 @task(name="segmenter-train", **_cached)
 def segmenter_train_task(config: dict[str, Any], store_url: str, plan: dict[str, Any], train: dict[str, Any],
-                         key: dict[str, Any], progress: bool = True) -> dict[str, Any]:
+                         key: dict[str, Any], progress: bool = True, label: str = "") -> dict[str, Any]:
     cfg, store = _open(config, store_url)
-    return segmenter_stage.train(cfg, store, synthesize_stage.plan_from_dict(plan), Key(**train), progress=progress)
+    return segmenter_stage.train(cfg, store, synthesize_stage.plan_from_dict(plan), Key(**train), progress=progress,
+                                 desc=labelled(label, "segmenter train"))
 
 
 @task(name="segmenter-evaluate", **_cached)
@@ -119,7 +120,7 @@ def run_datasetddpm(cfg: ExperimentConfig, store_url: str, plan: synthesize_stag
     seg_key = segmenter_stage.segmenter_key(cfg, plan, train_key)
     missing = artifacts.read_record(loc, "segmenter", seg_key.value) is None
     info, cached = _call(segmenter_train_task, missing, summary, config=config, store_url=loc.url, plan=asdict(plan),
-                         train=_key_dict(train_key), key=_key_dict(seg_key), progress=progress)
+                         train=_key_dict(train_key), key=_key_dict(seg_key), progress=progress, label=label)
     summary["segmenter_epochs_trained"] = 0 if cached else info["epochs_trained"]
     summary["segmenter_key"] = seg_key.value
     summary["stages"]["segmenter"] = "ran" if summary["segmenter_epochs_trained"] else "cached"

@@ -87,7 +87,7 @@ def kept_samples(cfg: ExperimentConfig, store: FeatureStore, plan: SamplingPlan,
 
 
 def train(cfg: ExperimentConfig, store: FeatureStore, plan: SamplingPlan, train_key: Key,
-          progress: bool = True) -> dict[str, Any]:
+          progress: bool = True, desc: str = "segmenter train") -> dict[str, Any]:
     """Train the segmenter on the kept samples, resuming after the last committed epoch; writes the record
     (the kept image ids) once every epoch is committed. Returns {"ran", "epochs_trained", "kept"}."""
     from pipeline.segmenter import checkpoint_bytes, train_segmenter
@@ -115,7 +115,7 @@ def train(cfg: ExperimentConfig, store: FeatureStore, plan: SamplingPlan, train_
     if epochs_before < settings.epochs:
         try:
             train_segmenter(images, masks, cfg.dataset.number_class, settings, device=resolve_device(
-                cfg.classifier.device), start=start, on_epoch=on_epoch, progress=progress)
+                cfg.classifier.device), start=start, on_epoch=on_epoch, progress=progress, desc=desc)
         except ValueError as err:  # refused data (fewer kept samples than a batch) or a checkpoint of another run
             raise ConfigError(f"{cfg.source_path or 'the config'}: datasetddpm segmenter: {err}") from None
     missing = [e for e in range(settings.epochs) if not artifacts.checkpoint_committed(loc, checkpoints_key(key), e)]
