@@ -10,9 +10,8 @@ a killed run resumes at the first batch without a record. The split is the first
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
-
 
 from pipeline import backbone as bb
 from pipeline import sampling
@@ -22,6 +21,9 @@ from storage import artifacts
 from storage.features import FeatureStore, StoreError
 from storage.keys import Key
 from flows.stage_keys import BASE_VIEW, ImageRef, backbone_fingerprint, image_id_of
+
+__all__ = ["SPLIT", "BATCH_STAGE", "SamplingPlan", "sampling_plan", "plan_from_dict", "samples_key", "batch_key",
+           "missing_batches", "synthesize", "synthetic_refs"]
 
 SPLIT = "synthetic"
 BATCH_STAGE = "sample-batch"
@@ -69,6 +71,7 @@ def sampling_plan(cfg: ExperimentConfig, samples: int | None = None, respacing: 
 
 
 def plan_from_dict(data: dict[str, Any]) -> SamplingPlan:
+    """A plan as a task received it (dataclasses.asdict of one)."""
     return SamplingPlan(**data)
 
 
@@ -136,10 +139,4 @@ def synthetic_refs(cfg: ExperimentConfig, store: FeatureStore, plan: SamplingPla
     return refs[:plan.samples]
 
 
-def plan_dict(plan: SamplingPlan) -> dict[str, Any]:
-    return asdict(plan)
-
-
-__all__ = ["SPLIT", "SamplingPlan", "sampling_plan", "samples_key", "batch_key", "synthesize", "synthetic_refs",
-           "missing_batches", "plan_dict", "plan_from_dict"]
 
