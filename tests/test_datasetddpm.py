@@ -212,3 +212,22 @@ def test_unknown_segmenter_backbone_is_one_line(tmp_path, capsys):
     assert main(["segmenter", "train", str(config)]) == 2
     err = capsys.readouterr().err
     assert "datasetddpm" in err and "resnet9000" in err and "ddpmseg_resnet18" in err
+
+
+def test_a_corrupted_segmenter_checkpoint_is_found_and_repaired(tmp_path, capsys):
+    loc = StoreLocation.parse(tmp_path / "store")
+    FeatureStore(loc).root  # an empty store
+    artifacts.write_checkpoint(loc, "k" * 32, 0, b"checkpoint bytes of epoch 0", {"epoch": 0})
+    artifacts.write_checkpoint(loc, "k" * 32, 1, b"checkpoint bytes of epoch 1", {"epoch": 1})
+    assert artifacts.read_checkpoint(loc, "k" * 32, 1) == (b"checkpoint bytes of epoch 1", {"epoch": 1})
+    chunk = tmp_path / "store" / artifacts.checkpoint_key("k" * 32, 1) / artifacts.MEMBER_CHUNK
+    data = bytearray(chunk.read_bytes())
+    data[3] ^= 0x01
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(Exception, match="do not match their checksum"):
+        artifacts.read_checkpoint(loc, "k" * 32, 1)
+    assert main(["store", "verify", str(tmp_path / "store")]) == 1
+    out = capsys.readouterr().out
+    assert "epoch_001" in out and "1 problem" in out
+    assert main(["store", "verify", str(tmp_path / "store"), "--repair"]) == 0
+    assert not artifacts.checkpoint_committed(loc, "k" * 32, 1) and artifacts.checkpoint_committed(loc, "k" * 32, 0)
