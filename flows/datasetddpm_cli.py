@@ -31,8 +31,10 @@ def _run(args: argparse.Namespace, stages: list[str]) -> dict[str, Any]:
     cfg, plan = _plan(args)
     if "segmenter" in stages:
         from flows.segmenter import segmenter_settings
+        from pipeline.config import segmenter_backbone_weights
 
         segmenter_settings(cfg)  # an unknown backbone fails here, before Prefect
+        segmenter_backbone_weights(cfg)  # so do missing backbone weights (imagenet: names the fetch command)
     from flows.datasetddpm import datasetddpm
 
     start_embedded_prefect()

@@ -1,6 +1,6 @@
 """`ddpmseg fetch`: download the official checkpoints and data sets into $DDPMSEG_HOME (wired by flows/cli.py).
 
-    ddpmseg fetch checkpoint PRESET|NAME... [--family ddpm|mae|swav|swav_w2]
+    ddpmseg fetch checkpoint PRESET|NAME... [--family ddpm|mae|swav|swav_w2]   (also imagenet/resnet101|resnet50)
     ddpmseg fetch datasets
     ddpmseg fetch list [--json]
 
@@ -21,6 +21,8 @@ Download the official assets of yandex-research/ddpm-segmentation into the cache
 
   checkpoints/ddpm/{lsun_bedroom,ffhq,lsun_cat,lsun_horse}.pt   guided-diffusion UNets (~2.2 GB each, estimated)
   checkpoints/{mae,swav,swav_w2}/<name>.pth                     the paper's MAE / SwAV baselines
+  checkpoints/imagenet/resnet{101-63fe2227,50-0676ba61}.pth     torchvision's ImageNet ResNets (DatasetDDPM's
+                                                                segmenter backbone; from download.pytorch.org)
   datasets/<preset>/real/{train,test}                           the six labelled data sets (one ~47 MB archive)
 
 Presets find what was fetched: `dataset.preset: ffhq_34` without train_dir/test_dir reads
@@ -37,9 +39,12 @@ _EPILOG = """\
 mirrors: DDPMSEG_ASSETS_URL=https://mirror/ddpm-segmentation/ replaces the official base URL
   (https://storage.yandexcloud.net/yandex-research/ddpm-segmentation/) for every asset;
   DDPMSEG_URL_<NAME> replaces one asset's URL, e.g. DDPMSEG_URL_DDPM_FFHQ=https://host/ffhq.pt.
+  imagenet/* come from https://download.pytorch.org/models/ (not moved by DDPMSEG_ASSETS_URL); their SHA-256 must
+  start with the 8 hex digits in the file name, as torchvision checks.
 examples:
   ddpmseg fetch checkpoint ffhq_34            # the checkpoint of a preset: checkpoints/ddpm/ffhq.pt
   ddpmseg fetch checkpoint lsun_bedroom lsun_cat mae/ffhq
+  ddpmseg fetch checkpoint imagenet/resnet101    # datasetddpm.backbone_weights: imagenet (resnet101, official)
   ddpmseg fetch datasets"""
 
 
@@ -54,7 +59,8 @@ def add_fetch_commands(subparsers: Any) -> None:
                          formatter_class=argparse.RawDescriptionHelpFormatter)
     ck.add_argument("names", nargs="+", metavar="PRESET|NAME",
                     help="a data set preset (its backbone), lsun_bedroom|ffhq|lsun_cat|lsun_horse, or "
-                         "FAMILY/NAME with FAMILY one of ddpm, mae, swav, swav_w2; 'all' for the four DDPMs")
+                         "FAMILY/NAME with FAMILY one of ddpm, mae, swav, swav_w2; 'all' for the four DDPMs; "
+                         "imagenet/resnet101 or imagenet/resnet50 for DatasetDDPM's segmenter backbone")
     ck.add_argument("--family", default="ddpm", choices=("ddpm", "mae", "swav", "swav_w2"),
                     help="family of bare names and presets (default ddpm)")
     ds = fsub.add_parser("datasets", help="download and unpack the six labelled data sets (~47 MB archive)",
@@ -135,7 +141,7 @@ def _list(as_json: bool) -> int:
         rows.append({"name": name, "url": asset_url(asset), "path": str(asset.path(home)),
                      "present": is_present(asset, home), "size": asset.size or rec.get("size"),
                      "approx_bytes": asset.approx_bytes, "size_source": asset.size_source,
-                     "sha256": asset.sha256 or rec.get("sha256"),
+                     "sha256": asset.sha256 or rec.get("sha256"), "sha256_prefix": asset.sha256_prefix,
                      "digest_source": "manifest" if asset.sha256 else ("recorded" if rec else None)})
     if as_json:
         print(json.dumps({"home": str(home), "assets": rows}, sort_keys=True))
@@ -144,7 +150,8 @@ def _list(as_json: bool) -> int:
     for r in rows:
         size = f"{r['size'] / 1e6:9.1f} MB" if r["size"] else (
             f"~{r['approx_bytes'] / 1e6:8.0f} MB" if r["approx_bytes"] else "   size unknown")
-        digest = f"sha256 {r['sha256'][:16]}… ({r['digest_source']})" if r["sha256"] else "sha256 not known yet"
+        digest = f"sha256 {r['sha256'][:16]}… ({r['digest_source']})" if r["sha256"] else (
+            f"sha256 {r['sha256_prefix']}… (file name)" if r["sha256_prefix"] else "sha256 not known yet")
         print(f"{r['name']:20s} {'present' if r['present'] else 'missing':8s} {size}  {digest}  {r['url']}")
     return 0
 

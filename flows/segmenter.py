@@ -4,8 +4,10 @@ synthetic samples, then evaluated on the real test split like the pixel ensemble
 train: the samples kept by the official filter (pipeline.segmenter.kept_indices: the first max_data, then the
 most and least uncertain dropped) train the network (pipeline.segmenter.train_segmenter); after every epoch its
 checkpoint is stored (segmenters/<key>/epoch_<EEE>, commit-last, checksummed), so a killed run resumes after the
-last committed epoch. The key holds the label key, the filter and the network's settings: a new uncertainty
-portion trains again without sampling or labelling.
+last committed epoch. The backbone starts from datasetddpm.backbone_weights (imagenet: torchvision's ImageNet
+ResNet, as the official; none: random). The key holds the label key, the filter, the network's settings and the
+SHA-256 of the backbone weights' file (absent for none): a new uncertainty portion or other weights train again
+without sampling or labelling.
 
 evaluate: model selection as official: the epoch with the best official mIoU on the validation images (the
 official validation_path is the labelled real training split), or the last epoch (datasetddpm.model_selection:
@@ -20,10 +22,10 @@ import numpy as np
 
 from pipeline import metrics, sampling
 from pipeline.backbone import resolve_device
-from pipeline.config import ConfigError, ExperimentConfig
+from pipeline.config import ConfigError, ExperimentConfig, segmenter_backbone_weights
 from storage import artifacts
 from storage.features import FeatureStore, StoreError
-from storage.keys import Key
+from storage.keys import Key, file_digest
 from flows.label import label_key, labelled_samples
 from flows.stage_keys import BASE_VIEW, ImageRef
 from flows.synthesize import SamplingPlan
@@ -45,8 +47,28 @@ def segmenter_settings(cfg: ExperimentConfig):
 
 
 def segmenter_key(cfg: ExperimentConfig, plan: SamplingPlan, train: Key) -> Key:
-    return Key("segmenter", {"labels": label_key(cfg, plan, train).value, "settings": asdict(segmenter_settings(cfg)),
-                             "number_class": cfg.dataset.number_class})
+    """The segmenter stage's key; the weights' file digest only when there are weights (`none` keeps the key of
+    the runs made before backbone_weights existed, which all started random)."""
+    inputs = {"labels": label_key(cfg, plan, train).value, "settings": asdict(segmenter_settings(cfg)),
+              "number_class": cfg.dataset.number_class}
+    weights = segmenter_backbone_weights(cfg)
+    if weights is not None:
+        inputs["backbone_weights_sha256"] = file_digest(weights)
+    return Key("segmenter", inputs)
+
+
+def backbone_state(cfg: ExperimentConfig) -> dict[str, Any] | None:
+    """The backbone's initial state dict read (weights_only) from datasetddpm.backbone_weights; None for none."""
+    from pipeline.torchfile import load_tensors
+
+    path = segmenter_backbone_weights(cfg)
+    if path is None:
+        return None
+    state = load_tensors(path, f"datasetddpm.backbone_weights {path}")
+    if not isinstance(state, dict):
+        raise ConfigError(f"datasetddpm.backbone_weights {path}: expected a state dict (name -> tensor), got "
+                          f"{type(state).__name__}")
+    return state
 
 
 def checkpoints_key(key: Key) -> str:
@@ -114,8 +136,10 @@ def train(cfg: ExperimentConfig, store: FeatureStore, plan: SamplingPlan, train_
     settings = segmenter_settings(cfg)
     if epochs_before < settings.epochs:
         try:
+            initial = backbone_state(cfg) if start is None else None  # a resumed run starts from its checkpoint
             train_segmenter(images, masks, cfg.dataset.number_class, settings, device=resolve_device(
-                cfg.classifier.device), start=start, on_epoch=on_epoch, progress=progress, desc=desc)
+                cfg.classifier.device), start=start, on_epoch=on_epoch, backbone_state=initial, progress=progress,
+                desc=desc)
         except ValueError as err:  # refused data (fewer kept samples than a batch) or a checkpoint of another run
             raise ConfigError(f"{cfg.source_path or 'the config'}: datasetddpm segmenter: {err}") from None
     missing = [e for e in range(settings.epochs) if not artifacts.checkpoint_committed(loc, checkpoints_key(key), e)]
@@ -123,7 +147,9 @@ def train(cfg: ExperimentConfig, store: FeatureStore, plan: SamplingPlan, train_
         raise StoreError(f"segmenter {key.short}: epochs {missing} were not checkpointed")
     artifacts.write_record(loc, key, {"kept_image_ids": [r.image_id for r in chosen],
                                       "kept_indices": [int(i) for i in kept], "uncertainties": uncertainties.tolist(),
-                                      "epochs": settings.epochs, "checkpoints": checkpoints_key(key)})
+                                      "epochs": settings.epochs, "checkpoints": checkpoints_key(key),
+                                      "backbone_weights": cfg.datasetddpm.backbone_weights,
+                                      "backbone_weights_sha256": key.inputs.get("backbone_weights_sha256")})
     return {"ran": True, "epochs_trained": len(trained), "kept": len(chosen)}
 
 

@@ -257,6 +257,23 @@ class DatasetDDPMConfig(_Strict):
     epochs: int = Field(20, ge=1)  # official 20, a checkpoint per epoch
     model_selection: Literal["validation", "last"] = "validation"  # best mIoU on the labelled training images
     #                                                 (the official validation_path is real/train), or the last epoch
+    #: the backbone's initial weights: imagenet (torchvision's ImageNet ResNet, fetched by `ddpmseg fetch checkpoint
+    #: imagenet/<backbone>`; the official start, default for resnet101 / resnet50), none (random; the default for
+    #: ddpmseg_resnet18, which has no ImageNet weights) or the path of a .pth classification-ResNet state dict
+    backbone_weights: str | None = None
+
+    @model_validator(mode="after")
+    def _backbone_weights_default(self) -> "DatasetDDPMConfig":
+        if self.backbone_weights is None:
+            self.backbone_weights = "imagenet" if self.backbone in fetched.IMAGENET_WEIGHTS else "none"
+        elif self.backbone_weights == "imagenet" and self.backbone not in fetched.IMAGENET_WEIGHTS:
+            raise ValueError(f"datasetddpm.backbone_weights: imagenet: there are no ImageNet weights for backbone "
+                             f"{self.backbone!r} (only for {', '.join(fetched.IMAGENET_WEIGHTS)}); use none or the "
+                             f"path of a .pth state dict")
+        elif not self.backbone_weights.strip():
+            raise ValueError("datasetddpm.backbone_weights: expected imagenet, none or the path of a .pth file, "
+                             "got ''")
+        return self
 
     @field_validator("respacing", mode="before")
     @classmethod
@@ -456,9 +473,32 @@ def parse_config(data: dict[str, Any], base_dir: str | Path = ".", source: str =
             cfg.model.checkpoint, fetched.checkpoint_path(default.name, family=default.parent.name))
     else:
         cfg.model.checkpoint = resolve(cfg.model.checkpoint)
+    if cfg.datasetddpm.backbone_weights not in ("imagenet", "none"):
+        cfg.datasetddpm.backbone_weights = resolve(cfg.datasetddpm.backbone_weights)
     cfg.store = resolve(cfg.store)
     cfg.output_dir = resolve(cfg.output_dir or f"runs/{cfg.dataset.name}")
     return cfg
+
+
+def segmenter_backbone_weights(cfg: ExperimentConfig) -> Path | None:
+    """The file datasetddpm.backbone_weights names (imagenet: the fetched torchvision weights of the backbone), or
+    None for `none`. ConfigError (one line) when the file is missing, naming the fetch command for `imagenet`."""
+    d, source = cfg.datasetddpm, cfg.source_path or "the config"
+    if d.backbone_weights == "none":
+        return None
+    if d.backbone_weights == "imagenet":
+        path = fetched.imagenet_weights_path(d.backbone)
+        if not path.is_file():
+            raise ConfigError(f"{source}: datasetddpm.backbone_weights: imagenet: {path} not found; run `ddpmseg "
+                              f"fetch checkpoint imagenet/{d.backbone}` (torchvision's ImageNet {d.backbone}, the "
+                              f"official start), or set datasetddpm.backbone_weights: none to start from random "
+                              f"weights")
+        return path
+    path = Path(d.backbone_weights)
+    if not path.is_file():
+        raise ConfigError(f"{source}: datasetddpm.backbone_weights: {path} not found; expected imagenet, none or "
+                          f"the path of a .pth classification-ResNet state dict")
+    return path
 
 
 def load_config(path: str | Path) -> ExperimentConfig:

@@ -3,6 +3,7 @@
     $DDPMSEG_HOME (default: the platform's user cache directory + /ddpmseg, e.g. ~/.cache/ddpmseg)
         checkpoints/ddpm/<name>.pt          guided-diffusion checkpoints (lsun_bedroom, ffhq, lsun_cat, lsun_horse)
         checkpoints/{mae,swav,swav_w2}/<name>.pth
+        checkpoints/imagenet/<torchvision file>  torchvision's ImageNet ResNets (resnet101-63fe2227.pth, ...)
         datasets/<preset>/real/{train,test} the labelled data sets, unpacked from the official archive
 
 The layout under the cache directory is the official repository's (checkpoints/ddpm/ffhq.pt,
@@ -15,9 +16,12 @@ import os
 import sys
 from pathlib import Path
 
-__all__ = ["HOME_ENV", "assets_home", "user_cache_dir", "checkpoint_path", "dataset_dirs"]
+__all__ = ["HOME_ENV", "IMAGENET_WEIGHTS", "assets_home", "user_cache_dir", "checkpoint_path", "dataset_dirs",
+           "imagenet_weights_path"]
 
 HOME_ENV = "DDPMSEG_HOME"
+#: DeepLabV3 backbone -> torchvision's IMAGENET1K_V1 file (storage/assets.py downloads the same names)
+IMAGENET_WEIGHTS = {"resnet101": "resnet101-63fe2227.pth", "resnet50": "resnet50-0676ba61.pth"}
 
 
 def user_cache_dir() -> Path:
@@ -48,3 +52,9 @@ def dataset_dirs(preset: str, home: Path | None = None) -> tuple[Path, Path]:
     """(train, test) directories of a fetched data set: datasets/<preset>/real/{train,test}."""
     root = (home or assets_home()) / "datasets" / preset / "real"
     return root / "train", root / "test"
+
+
+def imagenet_weights_path(backbone: str, home: Path | None = None) -> Path:
+    """torchvision's fetched ImageNet weights of a DeepLabV3 backbone (a key of IMAGENET_WEIGHTS):
+    checkpoints/imagenet/<file>, fetched by `ddpmseg fetch checkpoint imagenet/<backbone>`."""
+    return checkpoint_path(IMAGENET_WEIGHTS[backbone], family="imagenet", home=home)

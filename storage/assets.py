@@ -14,7 +14,10 @@ asset. A download
 - fails with one AssetError line naming the URL, the reason and how to place the file by hand.
 
 The base URL can be replaced by a mirror with $DDPMSEG_ASSETS_URL, one asset's URL with $DDPMSEG_URL_<NAME>
-(e.g. DDPMSEG_URL_DDPM_FFHQ for "ddpm/ffhq"). The data set archive is unpacked into `<home>/datasets/`: each data
+(e.g. DDPMSEG_URL_DDPM_FFHQ for "ddpm/ffhq"). Assets published elsewhere carry their own absolute URL (`Asset.url`):
+torchvision's ImageNet ResNet weights ("imagenet/resnet101", "imagenet/resnet50", the backbone the official DatasetDDPM
+segmenter starts from), which $DDPMSEG_ASSETS_URL does not move; their file names end in the first 8 hex digits of
+the file's SHA-256 (torchvision's check_hash), checked after the download like a shipped digest. The data set archive is unpacked into `<home>/datasets/`: each data
 set directory is extracted to a temporary directory first and renamed into place whole.
 
 Functions take the cache directory (`home`) as an argument; pipeline/fetched.py says where it is by default.
@@ -41,7 +44,7 @@ from typing import IO, Any
 __all__ = [
     "OFFICIAL_BASE_URL", "BASE_URL_ENV", "Asset", "AssetError", "FetchResult", "MANIFEST", "CHECKPOINT_FAMILIES",
     "CHECKPOINT_NAMES",
-    "asset_url", "url_env_name", "checkpoint_asset", "is_present", "fetch", "recorded_digests", "sha256_of",
+    "IMAGENET_WEIGHTS", "torchvision_asset", "asset_url", "url_env_name", "checkpoint_asset", "is_present", "fetch", "recorded_digests", "sha256_of",
     "unpack_datasets", "DATASETS_MARKER",
 ]
 
@@ -69,10 +72,12 @@ class Asset:
     size_source: str = ""          # where approx_bytes comes from
     archive: bool = False          # a .tar.gz unpacked into local_path (a directory)
     also_at: tuple[str, ...] = ()  # other places the same file is published (named in errors; never fetched silently)
+    url: str | None = None         # an absolute URL (not under the base URL; $DDPMSEG_ASSETS_URL does not apply)
+    sha256_prefix: str | None = None  # leading hex digits the file's SHA-256 must have (torchvision's file names)
 
     @property
     def filename(self) -> str:
-        return self.url_path.rsplit("/", 1)[-1]
+        return (self.url or self.url_path).rsplit("/", 1)[-1]
 
     def path(self, home: Path) -> Path:
         """Where the asset lives once fetched (for the archive: the directory it is unpacked into)."""
@@ -98,6 +103,26 @@ CHECKPOINT_FAMILIES: dict[str, tuple[str, str]] = {
 }
 
 
+#: torchvision's IMAGENET1K_V1 classification weights (ResNet101_Weights / ResNet50_Weights), the backbone
+#: torchvision's deeplabv3_resnet101(pretrained=False) loads; pipeline/fetched.py names the same files.
+_TORCHVISION_URL = "https://download.pytorch.org/models/"
+IMAGENET_WEIGHTS: dict[str, str] = {"resnet101": "resnet101-63fe2227.pth", "resnet50": "resnet50-0676ba61.pth"}
+#: 4 bytes per parameter of torchvision's resnet101 / resnet50 (its documented num_params; buffers not counted)
+_IMAGENET_BYTES = {"resnet101": 44_549_160 * 4, "resnet50": 25_557_032 * 4}
+_TORCHVISION_HASH = re.compile(r"-([a-f0-9]+)\.")  # torchvision.hub's HASH_REGEX
+
+
+def torchvision_asset(name: str, url: str, local_path: str, approx_bytes: int | None = None) -> Asset:
+    """An asset published by torchvision: `url` absolute, the SHA-256 prefix taken from its file name
+    ("resnet101-63fe2227.pth" -> "63fe2227"); ValueError when the name carries none."""
+    match = _TORCHVISION_HASH.search(url.rsplit("/", 1)[-1])
+    if not match:
+        raise ValueError(f"{url}: the file name carries no '-<sha256 prefix>.' as torchvision's do")
+    return Asset(name=name, url_path="", url=url, local_path=local_path, sha256_prefix=match.group(1),
+                 approx_bytes=approx_bytes, size_source="estimated: float32 parameters (torchvision's num_params)"
+                 if approx_bytes else "unknown")
+
+
 def _official_manifest() -> dict[str, Asset]:
     assets: dict[str, Asset] = {}
     for family, (folder, suffix) in CHECKPOINT_FAMILIES.items():
@@ -111,6 +136,10 @@ def _official_manifest() -> dict[str, Asset]:
                 approx_bytes=_DDPM_BYTES if ddpm else None, size_source=_DDPM_SOURCE if ddpm else "unknown")
     assets["datasets"] = Asset(name="datasets", url_path="datasets.tar.gz", local_path="datasets", archive=True,
                                approx_bytes=47_000_000, size_source="the official README: ~47 MB")
+    for backbone, filename in IMAGENET_WEIGHTS.items():
+        assets[f"imagenet/{backbone}"] = torchvision_asset(f"imagenet/{backbone}", _TORCHVISION_URL + filename,
+                                                           f"checkpoints/imagenet/{filename}",
+                                                           _IMAGENET_BYTES[backbone])
     return assets
 
 
@@ -136,10 +165,13 @@ def url_env_name(asset: Asset) -> str:
 
 
 def asset_url(asset: Asset) -> str:
-    """$DDPMSEG_URL_<NAME>, else $DDPMSEG_ASSETS_URL + the asset's path, else the official URL."""
+    """$DDPMSEG_URL_<NAME>, else the asset's absolute URL, else $DDPMSEG_ASSETS_URL + the asset's path, else the
+    official URL."""
     own = os.environ.get(url_env_name(asset))
     if own:
         return own
+    if asset.url:
+        return asset.url
     base = os.environ.get(BASE_URL_ENV) or OFFICIAL_BASE_URL
     return base.rstrip("/") + "/" + asset.url_path
 
@@ -203,6 +235,8 @@ def _by_hand(asset: Asset, url: str, home: Path) -> str:
     else:
         how = f"download {url} and save it as {target}"
     also = f" (also published at {', '.join(asset.also_at)})" if asset.also_at else ""
+    if asset.url:  # not under the base URL: only its own variable moves it
+        return f"to place it by hand: {how}{also}; or point ${url_env_name(asset)} at a mirror"
     return (f"to place it by hand: {how}{also}; or point ${BASE_URL_ENV} (all assets) or ${url_env_name(asset)} "
             f"(this one) at a mirror")
 
@@ -293,6 +327,9 @@ def _verify(asset: Asset, home: Path, part: Path, url: str, total: int) -> tuple
         where = "the shipped manifest" if source == "manifest" else \
             f"the digest recorded by this cache's first download ({Path(home) / DIGESTS_FILE})"
         problem = f"sha256 {digest}, expected {expected} from {where}"
+    elif asset.sha256_prefix and not digest.startswith(asset.sha256_prefix):
+        problem = (f"sha256 {digest} does not start with {asset.sha256_prefix}, the prefix its file name "
+                   f"{asset.filename} promises (torchvision's check)")
     if problem:
         part.unlink()
         raise AssetError(f"download of {url} refused: {problem}; the partial file was deleted and nothing was put "
