@@ -186,6 +186,30 @@ def test_segmenter_relabels_on_a_new_train_key_and_retrains_only_on_a_new_portio
     assert not [p for p in paths if any(r.image_id in p for r in refs)]
     assert not [p for p in paths if portion["segmenter"]["evaluate_key"] in p]
 
+    # other backbone weights (none -> a .pth state dict): the segmenter only, from those weights
+    import hashlib
+
+    import torch
+
+    from pipeline.deeplab import create_segmenter
+
+    assert "backbone_weights_sha256" not in key.inputs  # none: the key of the runs before backbone_weights existed
+    torch.manual_seed(7)
+    weights = {**create_segmenter("ddpmseg_resnet18", 3).backbone.state_dict(), "fc.weight": torch.zeros(1000, 512),
+               "fc.bias": torch.zeros(1000)}  # a classification ResNet's layout, fc unused
+    path = tmp_path / "resnet18-imagenet.pth"
+    torch.save(weights, path)
+    _edit(config, "datasetddpm", backbone_weights=str(path))
+    pretrained = _json_run(capsys, ["segmenter", "train", str(config)])
+    assert pretrained["samples_drawn"] == 0 and pretrained["labelled"] == 0 and pretrained["members_trained"] == 0
+    assert pretrained["unet_forwards"] == 0 and pretrained["segmenter_epochs_trained"] == 2
+    assert pretrained["label_key"] == portion["label_key"] and pretrained["segmenter_key"] != portion["segmenter_key"]
+    record = artifacts.read_record(loc, "segmenter", pretrained["segmenter_key"])["result"]
+    assert record["backbone_weights_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    started = load_checkpoint(artifacts.read_checkpoint(loc, record["checkpoints"], 0)[0])["model"]
+    random_start = load_checkpoint(artifacts.read_checkpoint(loc, where, 0)[0])["model"]
+    assert not (started["backbone.conv1.weight"] == random_start["backbone.conv1.weight"]).all()  # weights were used
+
 
 @pytest.mark.parametrize("argv_tail, datasetddpm, model, expected", [
     (["--samples", "0"], {}, None, "samples 0: expected at least 1"),
@@ -205,6 +229,38 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv_tail, datasetdd
         err = capsys.readouterr().err.strip()
         assert err.startswith("ddpmseg: error: ") and expected in err and len(err.splitlines()) == 1, err
     assert not Path(load_config(config).store).exists()  # refused before anything was written
+
+
+def test_backbone_weights_default_per_backbone_and_imagenet_needs_the_fetched_file(tmp_path, capsys, monkeypatch):
+    """imagenet (the official start) is the default for torchvision's backbones and resolves to the fetched file;
+    missing, it is one line naming the fetch command and `none`, before anything runs; ddpmseg_resnet18 defaults
+    to none and refuses imagenet."""
+    from pipeline import fetched
+    from pipeline.config import segmenter_backbone_weights
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("DDPMSEG_HOME", str(home))
+    assert load_config(_experiment(tmp_path / "a")).datasetddpm.backbone_weights == "none"  # ddpmseg_resnet18
+    config = _experiment(tmp_path / "b", backbone="resnet50")
+    cfg = load_config(config)
+    assert cfg.datasetddpm.backbone_weights == "imagenet"
+    assert main(["segmenter", "train", str(config)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "datasetddpm.backbone_weights: imagenet" in err, err
+    assert "`ddpmseg fetch checkpoint imagenet/resnet50`" in err and "backbone_weights: none" in err
+    assert not Path(cfg.store).exists()  # refused before anything ran
+    path = fetched.imagenet_weights_path("resnet50")
+    assert path == home.resolve() / "checkpoints" / "imagenet" / "resnet50-0676ba61.pth"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"fetched")
+    assert segmenter_backbone_weights(cfg) == path
+
+    _edit(config, "datasetddpm", backbone_weights="weights/r50.pth")  # relative to the config's folder
+    assert load_config(config).datasetddpm.backbone_weights == str(config.parent.resolve() / "weights" / "r50.pth")
+    _edit(config, "datasetddpm", backbone="ddpmseg_resnet18", backbone_weights="imagenet")
+    assert main(["segmenter", "train", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "no ImageNet weights for backbone 'ddpmseg_resnet18'" in err and "none" in err
 
 
 def test_unknown_segmenter_backbone_is_one_line(tmp_path, capsys):

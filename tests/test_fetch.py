@@ -262,13 +262,57 @@ def test_per_asset_url_override(home, server, monkeypatch):
     assert assets.fetch(assets.MANIFEST["ddpm/tiny"], home, progress=False).state == "downloaded"
 
 
+def test_torchvision_weights_fetch_by_absolute_url_and_are_checked_against_the_file_name(home, server, monkeypatch,
+                                                                                        capsys):
+    """imagenet/* live at their own absolute URL (not under $DDPMSEG_ASSETS_URL) and their SHA-256 must start with the
+    8 hex digits of the file name, as torchvision checks: a made-up file named after its own digest is put in place
+    (after a cut transfer resumed), the same bytes under a name promising another digest are refused."""
+    data = bytes(range(256)) * 40
+    prefix = hashlib.sha256(data).hexdigest()[:8]
+    wrong = "0" * 8 if prefix != "0" * 8 else "1" * 8
+    server.files[f"/models/resnet101-{prefix}.pth"] = data
+    server.files[f"/models/resnet50-{wrong}.pth"] = data
+    for backbone, tag in (("resnet101", prefix), ("resnet50", wrong)):
+        monkeypatch.setitem(assets.MANIFEST, f"imagenet/{backbone}", assets.torchvision_asset(
+            f"imagenet/{backbone}", f"{server.url}models/{backbone}-{tag}.pth",
+            f"checkpoints/imagenet/{backbone}-{tag}.pth"))
+    monkeypatch.setenv("DDPMSEG_ASSETS_URL", "http://127.0.0.1:1/nowhere")  # does not move absolute URLs
+
+    server.cut_next = 1000
+    assert main(["fetch", "checkpoint", "imagenet/resnet101", "--quiet", "--attempts", "1"]) == 2
+    assert "run the same command again to resume" in capsys.readouterr().err
+    assert main(["fetch", "checkpoint", "imagenet/resnet101", "--quiet", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    target = home / "checkpoints" / "imagenet" / f"resnet101-{prefix}.pth"
+    assert result["state"] == "downloaded" and result["resumed_from"] == 1000 and result["path"] == str(target)
+    assert target.read_bytes() == data and result["sha256"].startswith(prefix)
+    assert server.requests[-1] == (f"/models/resnet101-{prefix}.pth", "bytes=1000-")
+
+    assert main(["fetch", "checkpoint", "imagenet/resnet50", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"refused: sha256 {prefix}" in err
+    assert f"does not start with {wrong}, the prefix its file name resnet50-{wrong}.pth promises" in err
+    assert not list((home / "checkpoints" / "imagenet").glob("resnet50*"))  # neither the file nor a part
+
+
 def test_manifest_names_the_official_assets_in_the_official_layout(tmp_path, monkeypatch):
     monkeypatch.delenv("DDPMSEG_ASSETS_URL", raising=False)
     base = "https://storage.yandexcloud.net/yandex-research/ddpm-segmentation/"
     assert assets.asset_url(assets.MANIFEST["ddpm/ffhq"]) == base + "models/ddpm_checkpoints/ffhq.pt"
     assert assets.asset_url(assets.MANIFEST["swav_w2/lsun_cat"]) == base + "models/swav_w2_checkpoints/lsun_cat.pth"
     assert assets.asset_url(assets.MANIFEST["datasets"]) == base + "datasets.tar.gz"
-    assert {n.split("/")[0] for n in assets.MANIFEST} == {"ddpm", "mae", "swav", "swav_w2", "datasets"}
+    assert {n.split("/")[0] for n in assets.MANIFEST} == {"ddpm", "mae", "swav", "swav_w2", "datasets", "imagenet"}
+    # torchvision's IMAGENET1K_V1 files at their own URL, where the config's `imagenet` looks for them
+    monkeypatch.setenv("DDPMSEG_ASSETS_URL", "https://mirror.example/ddpm-segmentation/")
+    for backbone, prefix in (("resnet101", "63fe2227"), ("resnet50", "0676ba61")):
+        asset = assets.checkpoint_asset(f"imagenet/{backbone}")
+        assert assets.asset_url(asset) == f"https://download.pytorch.org/models/{backbone}-{prefix}.pth"
+        assert asset.sha256_prefix == prefix and asset.sha256 is None
+        assert asset.path(tmp_path) == fetched.imagenet_weights_path(backbone, home=tmp_path)
+    monkeypatch.setenv("DDPMSEG_URL_IMAGENET_RESNET101", "https://mirror.example/r101.pth")
+    assert assets.asset_url(assets.MANIFEST["imagenet/resnet101"]) == "https://mirror.example/r101.pth"
+    with pytest.raises(ValueError, match="carries no"):
+        assets.torchvision_asset("imagenet/x", "https://host/resnet.pth", "checkpoints/imagenet/resnet.pth")
     for preset, entry in presets.DATASET_PRESETS.items():  # the downloader writes where the config reads
         asset = assets.checkpoint_asset(entry["checkpoint"])
         assert asset.path(tmp_path) == fetched.checkpoint_path(entry["checkpoint"], home=tmp_path)
