@@ -16,9 +16,9 @@ What differs, by design: the shuffle and the dropout masks of epoch e follow a s
 one RNG stream, so a run resumed from the checkpoint of epoch e (``start``) continues bit for bit as the
 uninterrupted run would (on CPU); the official starts its stream anew on resume.
 
-Not reproduced here (the caller's choice): the official backbone starts from ImageNet ResNet-101 weights, which
-torchvision downloads (see pipeline/deeplab.py); pass them as ``backbone_state``. Without them the backbone is
-randomly initialised.
+The caller's choice: the official backbone starts from torchvision's ImageNet ResNet-101 weights (see
+pipeline/deeplab.py); pass them as ``backbone_state`` (the segmenter stage does, from datasetddpm.backbone_weights).
+Without them the backbone is randomly initialised.
 """
 from __future__ import annotations
 
