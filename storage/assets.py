@@ -17,8 +17,9 @@ The base URL can be replaced by a mirror with $DDPMSEG_ASSETS_URL, one asset's U
 (e.g. DDPMSEG_URL_DDPM_FFHQ for "ddpm/ffhq"). Assets published elsewhere carry their own absolute URL (`Asset.url`):
 torchvision's ImageNet ResNet weights ("imagenet/resnet101", "imagenet/resnet50", the backbone the official DatasetDDPM
 segmenter starts from), which $DDPMSEG_ASSETS_URL does not move; their file names end in the first 8 hex digits of
-the file's SHA-256 (torchvision's check_hash), checked after the download like a shipped digest. The data set archive is unpacked into `<home>/datasets/`: each data
-set directory is extracted to a temporary directory first and renamed into place whole.
+the file's SHA-256 (torchvision's check_hash), checked after the download like a shipped digest. The data set
+archive is unpacked into `<home>/datasets/`: each data set directory is extracted to a temporary directory first and
+renamed into place whole.
 
 Functions take the cache directory (`home`) as an argument; pipeline/fetched.py says where it is by default.
 """
@@ -44,7 +45,8 @@ from typing import IO, Any
 __all__ = [
     "OFFICIAL_BASE_URL", "BASE_URL_ENV", "Asset", "AssetError", "FetchResult", "MANIFEST", "CHECKPOINT_FAMILIES",
     "CHECKPOINT_NAMES",
-    "IMAGENET_WEIGHTS", "torchvision_asset", "asset_url", "url_env_name", "checkpoint_asset", "is_present", "fetch", "recorded_digests", "sha256_of",
+    "IMAGENET_WEIGHTS", "torchvision_asset", "asset_url", "url_env_name", "checkpoint_asset", "is_present", "fetch",
+    "recorded_digests", "sha256_of",
     "unpack_datasets", "DATASETS_MARKER",
 ]
 
