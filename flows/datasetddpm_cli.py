@@ -30,11 +30,10 @@ def _run(args: argparse.Namespace, stages: list[str]) -> dict[str, Any]:
 
     cfg, plan = _plan(args)
     if "segmenter" in stages:
-        from flows.segmenter import segmenter_settings
-        from pipeline.config import segmenter_backbone_weights
+        from flows.segmenter import backbone_state, segmenter_settings
 
         segmenter_settings(cfg)  # an unknown backbone fails here, before Prefect
-        segmenter_backbone_weights(cfg)  # so do missing backbone weights (imagenet: names the fetch command)
+        backbone_state(cfg)  # so do missing (imagenet: names the fetch command) or mismatched backbone weights
     from flows.datasetddpm import datasetddpm
 
     start_embedded_prefect()

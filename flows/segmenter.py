@@ -58,16 +58,31 @@ def segmenter_key(cfg: ExperimentConfig, plan: SamplingPlan, train: Key) -> Key:
 
 
 def backbone_state(cfg: ExperimentConfig) -> dict[str, Any] | None:
-    """The backbone's initial state dict read (weights_only) from datasetddpm.backbone_weights; None for none."""
-    from pipeline.torchfile import load_tensors
+    """The backbone's initial state dict read (weights_only) from datasetddpm.backbone_weights, checked against the
+    backbone's layout (on the meta device: no memory); None for none. ConfigError naming the file when it is no
+    state dict of that backbone."""
+    import warnings
+
+    from pipeline.deeplab import create_segmenter, load_backbone_weights
+    from pipeline.torchfile import TorchFileError, load_tensors
 
     path = segmenter_backbone_weights(cfg)
     if path is None:
         return None
-    state = load_tensors(path, f"datasetddpm.backbone_weights {path}")
+    what = f"{cfg.source_path or 'the config'}: datasetddpm.backbone_weights {path}"
+    try:
+        state = load_tensors(path, what)
+    except TorchFileError as err:
+        raise ConfigError(str(err)) from None
     if not isinstance(state, dict):
-        raise ConfigError(f"datasetddpm.backbone_weights {path}: expected a state dict (name -> tensor), got "
-                          f"{type(state).__name__}")
+        raise ConfigError(f"{what}: expected a state dict (name -> tensor), got {type(state).__name__}")
+    d = cfg.datasetddpm
+    try:
+        with warnings.catch_warnings():  # loading into meta parameters copies nothing, which torch warns about
+            warnings.simplefilter("ignore", UserWarning)
+            load_backbone_weights(create_segmenter(d.backbone, cfg.dataset.number_class, device="meta"), state, what)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     return state
 
 

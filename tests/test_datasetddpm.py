@@ -254,6 +254,20 @@ def test_backbone_weights_default_per_backbone_and_imagenet_needs_the_fetched_fi
     path.parent.mkdir(parents=True)
     path.write_bytes(b"fetched")
     assert segmenter_backbone_weights(cfg) == path
+    assert main(["segmenter", "train", str(config)]) == 2  # found, but no torch.save file: named, before any compute
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(path) in err and "not a file written by torch.save" in err, err
+    import torch
+
+    from pipeline.deeplab import create_segmenter
+
+    other = tmp_path / "resnet18.pth"  # another backbone's layout
+    torch.save(create_segmenter("ddpmseg_resnet18", 3).backbone.state_dict(), other)
+    _edit(config, "datasetddpm", backbone_weights=str(other))
+    assert main(["segmenter", "train", str(config)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(other) in err and "is not a ResNet backbone state dict" in err, err
+    assert not Path(cfg.store).exists()
 
     _edit(config, "datasetddpm", backbone_weights="weights/r50.pth")  # relative to the config's folder
     assert load_config(config).datasetddpm.backbone_weights == str(config.parent.resolve() / "weights" / "r50.pth")
