@@ -487,12 +487,14 @@ def segmenter_backbone_weights(cfg: ExperimentConfig) -> Path | None:
     if d.backbone_weights == "none":
         return None
     if d.backbone_weights == "imagenet":
-        path = fetched.imagenet_weights_path(d.backbone)
+        path, hub = fetched.imagenet_weights_path(d.backbone), fetched.torch_hub_weights_path(d.backbone)
+        if not path.is_file() and hub.is_file():
+            return hub  # torchvision downloaded the same file before (its sha256 is in the key either way)
         if not path.is_file():
-            raise ConfigError(f"{source}: datasetddpm.backbone_weights: imagenet: {path} not found; run `ddpmseg "
-                              f"fetch checkpoint imagenet/{d.backbone}` (torchvision's ImageNet {d.backbone}, the "
-                              f"official start), or set datasetddpm.backbone_weights: none to start from random "
-                              f"weights")
+            raise ConfigError(f"{source}: datasetddpm.backbone_weights: imagenet: {path} not found (nor {hub}); run "
+                              f"`ddpmseg fetch checkpoint imagenet/{d.backbone}` (torchvision's ImageNet "
+                              f"{d.backbone}, the official start), or set datasetddpm.backbone_weights: none to start "
+                              f"from random weights")
         return path
     path = Path(d.backbone_weights)
     if not path.is_file():

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 __all__ = ["HOME_ENV", "IMAGENET_WEIGHTS", "assets_home", "user_cache_dir", "checkpoint_path", "dataset_dirs",
-           "imagenet_weights_path"]
+           "imagenet_weights_path", "torch_hub_weights_path"]
 
 HOME_ENV = "DDPMSEG_HOME"
 #: DeepLabV3 backbone -> torchvision's IMAGENET1K_V1 file (storage/assets.py downloads the same names)
@@ -58,3 +58,11 @@ def imagenet_weights_path(backbone: str, home: Path | None = None) -> Path:
     """torchvision's fetched ImageNet weights of a DeepLabV3 backbone (a key of IMAGENET_WEIGHTS):
     checkpoints/imagenet/<file>, fetched by `ddpmseg fetch checkpoint imagenet/<backbone>`."""
     return checkpoint_path(IMAGENET_WEIGHTS[backbone], family="imagenet", home=home)
+
+
+def torch_hub_weights_path(backbone: str) -> Path:
+    """Where torchvision itself keeps the same file once it has downloaded it: $TORCH_HOME/hub/checkpoints/<file>
+    ($TORCH_HOME defaults to <user cache dir>/torch, as torch.hub.get_dir() on Linux)."""
+    env = os.environ.get("TORCH_HOME")
+    torch_home = Path(env).expanduser() if env else user_cache_dir() / "torch"
+    return torch_home / "hub" / "checkpoints" / IMAGENET_WEIGHTS[backbone]

@@ -240,10 +240,16 @@ def test_backbone_weights_default_per_backbone_and_imagenet_needs_the_fetched_fi
 
     home = tmp_path / "home"
     monkeypatch.setenv("DDPMSEG_HOME", str(home))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     assert load_config(_experiment(tmp_path / "a")).datasetddpm.backbone_weights == "none"  # ddpmseg_resnet18
     config = _experiment(tmp_path / "b", backbone="resnet50")
     cfg = load_config(config)
     assert cfg.datasetddpm.backbone_weights == "imagenet"
+    hub = tmp_path / "torch" / "hub" / "checkpoints" / "resnet50-0676ba61.pth"  # torchvision downloaded it before
+    hub.parent.mkdir(parents=True)
+    hub.write_bytes(b"torchvision's copy")
+    assert segmenter_backbone_weights(cfg) == hub
+    hub.unlink()
     assert main(["segmenter", "train", str(config)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "datasetddpm.backbone_weights: imagenet" in err, err
