@@ -105,12 +105,17 @@ def test_sigkill_during_synthesis_resumes_at_the_next_unfinished_batch(tmp_path)
     assert synthesize_stage.missing_batches(cfg, store, plan) == []
     resumed = synthesize_stage.synthetic_refs(cfg, store, plan)
 
-    # the killed process's batches hold the samples this one draws (each sample seeded by its index)
+    # the killed process's batches hold the samples this one draws (each sample seeded by its index). Compared by
+    # value, not by content id: the UNet's float32 sums round differently with another torch thread count (1 vs 2
+    # threads: up to 1.4e-6 apart, other ids; seen in the full suite), which changes the hash.
     clean = FeatureStore(StoreLocation.parse(tmp_path / "clean-store"))
     first = synthesize_stage.sampling_plan(cfg, plan.batches - len(left))
     synthesize_stage.synthesize(cfg, clean, first, progress=False)
-    assert [r.image_id for r in synthesize_stage.synthetic_refs(cfg, clean, first)] == \
-        [r.image_id for r in resumed[:first.samples]]
+    fresh = synthesize_stage.synthetic_refs(cfg, clean, first)
+    assert len(fresh) == first.samples
+    for a, b in zip(fresh, resumed[:first.samples]):
+        np.testing.assert_allclose(clean.read_view_input("base", a.image_id),
+                                   store.read_view_input("base", b.image_id), atol=1e-4)
     assert main(["store", "verify", cfg.store]) == 0
 
 
