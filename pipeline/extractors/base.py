@@ -51,26 +51,24 @@ def coerce_flag(defaults: Mapping[str, Any], name: str, value: Any) -> Any:
             return value.lower() == "true"
         raise ValueError(f"{where}: expected true/false, got {value!r}")
     if isinstance(default, int):
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        raise ValueError(f"{where}: expected an integer, got {value!r}")
+        return _number(value, int, (int,), where, "an integer")
     if isinstance(default, float):
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ValueError(f"{where}: expected a number, got {value!r}")
+        return _number(value, float, (int, float), where, "a number")
     if not isinstance(value, str):
         raise ValueError(f"{where}: expected a string (e.g. {default!r}), got {value!r}")
     return value
+
+
+def _number(value: Any, kind: type, accepted: tuple[type, ...], where: str, what: str) -> Any:
+    """`value` as `kind` when it is one of `accepted` (never a bool) or a string `kind` parses; else ValueError."""
+    if isinstance(value, accepted) and not isinstance(value, bool):
+        return kind(value)
+    if isinstance(value, str):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    raise ValueError(f"{where}: expected {what}, got {value!r}")
 
 
 def coerce_flags(defaults: Mapping[str, Any], flags: Mapping[str, Any]) -> dict[str, Any]:
