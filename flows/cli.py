@@ -118,7 +118,7 @@ def cmd_config(args: argparse.Namespace) -> int:
     from pipeline.presets import DATASET_PRESETS
 
     if args.config_cmd == "import":
-        from pipeline.config import import_official
+        from pipeline.official_import import import_official
 
         data = import_official(args.json_file, args.model_flags)
         text = yaml.safe_dump(data, sort_keys=False)

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import (OFFICIAL_FLAGS, ConfigError, config_to_dict, import_official, load_config,
-                             num_output_blocks, parse_config, parse_model_flags)
+from pipeline.config import OFFICIAL_FLAGS, ConfigError, config_to_dict, load_config, num_output_blocks, parse_config
+from pipeline.official_import import import_official, parse_model_flags
 
 # experiments/*/ddpm.json of the official code (reference/official-behaviour.md):
 # name: (number_class, ignore_label, training_number, testing_number, checkpoint)

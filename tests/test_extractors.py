@@ -13,12 +13,13 @@ import logging
 import pytest
 import torch
 
-from pipeline.config import ConfigError, feature_channels, import_official, parse_config
+from pipeline.config import ConfigError, feature_channels, parse_config
 from pipeline.extractors import EXTRACTORS, KINDS, ExtractorError, create_extractor, official_settings
 from pipeline.extractors.base import IMAGENET_MEAN, IMAGENET_STD, imagenet_input
 from pipeline.extractors.mae import OFFICIAL_MAE_FLAGS
 from pipeline.extractors.mae_network import MaskedAutoencoderViT
 from pipeline.extractors.swav_network import ResNet
+from pipeline.official_import import import_official
 
 TINY_MAE = {"image_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 3, "num_heads": 2,
             "decoder_embed_dim": 16, "decoder_depth": 1, "decoder_num_heads": 2}
