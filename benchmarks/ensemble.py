@@ -16,8 +16,10 @@ stage does for an epoch cut at a number of batches): a prefetched slice that no 
 Figures are member-pixels per second (members x iterations x 64 / wall s). The timed runs alternate
 (independent, batched, official, then again) so that a change of the machine's load hits every path alike; each
 path's time is the sum over its repeats. `mlp_flops_utilisation`: the batched training step alone (in-memory
-features, no sampling) in FLOP/s (pipeline.ensemble.training_step_flops) over the FLOP/s of a plain
-torch.matmul of the first layer's shape, (64, D) @ (D, 128), on the same threads.
+features, no sampling, the members' init not timed) in FLOP/s (pipeline.ensemble.training_step_flops) over the
+FLOP/s of a plain torch.matmul of the first layer's shape, (64, D) @ (D, 128), on the same threads. On a CPU
+where torch's float32 matmul runs through MKL's AVX2 kernels (AMD) and the step's first layer through oneDNN's
+AVX-512 ones, this is above 1; `onednn_linear_flop_per_s` gives oneDNN's FLOP/s at that shape beside it.
 """
 from __future__ import annotations
 
@@ -48,38 +50,58 @@ def matmul_flops(dim: int, width: int, batch: int, seconds: float = 1.0) -> floa
     """FLOP/s of torch.matmul (batch, dim) @ (dim, width) float32 on the current threads (best of repeated
     timings over about `seconds`)."""
     x, w = torch.randn(batch, dim), torch.randn(dim, width)
+    return _best_flops(lambda: x @ w, 2.0 * batch * dim * width, seconds)
+
+
+def onednn_linear_flops(dim: int, width: int, batch: int, seconds: float = 1.0) -> float | None:
+    """FLOP/s of oneDNN's linear at the same shape (the kernel the batched step's first layer uses on the CPU;
+    pipeline.ensemble), or None where torch has none."""
+    linear = ensemble._onednn_linear()
+    if linear is None:
+        return None
+    x, w = torch.randn(batch, dim), torch.randn(width, dim)
+    return _best_flops(lambda: linear(x, w, None, "none", [], ""), 2.0 * batch * dim * width, seconds)
+
+
+def _best_flops(run, flop: float, seconds: float) -> float:
     for _ in range(3):
-        x @ w
+        run()
     best, deadline = float("inf"), time.perf_counter() + seconds
     while time.perf_counter() < deadline:
         start = time.perf_counter()
         for _ in range(10):
-            x @ w
+            run()
         best = min(best, (time.perf_counter() - start) / 10)
-    return 2.0 * batch * dim * width / best
+    return flop / best
 
 
 def batched_step_flops(settings: clf.TrainSettings, members: int, iterations: int,
                        device: str | torch.device = "cpu") -> dict[str, float]:
     """Achieved FLOP/s of the batched training step alone: one in-memory slice (random features) feeding
-    `members` members for `iterations` steps."""
+    `members` members. The steps are timed apart from the members' init and stacking: a pass of `iterations`
+    steps minus a pass of 2, divided by iterations - 2 (best of two such pairs)."""
+    if iterations <= 2:
+        raise ValueError(f"batched_step_flops: iterations must be > 2, got {iterations}")
     features = torch.randn(iterations * settings.batch_size, settings.dim, device=device)
     labels = torch.randint(0, settings.number_class, (len(features),), device=device)
     one_epoch = clf.TrainSettings(**{**settings.__dict__, "max_epochs": 1,
                                      "early_stop_start_epoch": settings.max_epochs + 1})
     seeds = list(range(members))
-    ensemble.train_members(one_epoch, seeds, lambda epoch: iter([(features, labels)]), device=device,
-                           iterations_per_epoch=2)  # warm-up
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    ensemble.train_members(one_epoch, seeds, lambda epoch: iter([(features, labels)]), device=device,
-                           iterations_per_epoch=iterations)
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
+
+    def timed(steps: int) -> float:
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        ensemble.train_members(one_epoch, seeds, lambda epoch: iter([(features, labels)]), device=device,
+                               iterations_per_epoch=steps)
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    timed(2)  # warm-up
+    step_seconds = min(max(timed(iterations) - timed(2), 1e-9) / (iterations - 2) for _ in range(2))
     flops = ensemble.training_step_flops(settings.number_class, settings.dim, settings.batch_size)
-    return {"seconds": seconds, "flop_per_s": flops * members * iterations / seconds}
+    return {"step_seconds": step_seconds, "flop_per_s": flops * members / step_seconds}
 
 
 def run_ensemble(syn: SyntheticStore, first: int, n_images: int, members: int = 10, iterations: int = 48,
@@ -159,6 +181,7 @@ def _run(syn: SyntheticStore, first: int, n_images: int, members: int, iteration
     step = batched_step_flops(settings, members, iterations)
     first_width = clf.hidden_widths(d.number_class)[0]
     reference = matmul_flops(settings.dim, first_width, c.batch_size)
+    onednn = onednn_linear_flops(settings.dim, first_width, c.batch_size)
     return {
         "images": n_images, "members": members, "iterations_per_member": iterations, "repeats": repeats,
         "dim": settings.dim, "number_class": d.number_class, "seconds": times,
@@ -166,6 +189,7 @@ def _run(syn: SyntheticStore, first: int, n_images: int, members: int, iteration
         "ensemble_speedup_batched_vs_independent": rates["batched"] / rates["independent"],
         "ensemble_speedup_vs_official": rates["batched"] / rates["official"],
         "batched_step_flop_per_s": step["flop_per_s"], "matmul_flop_per_s": reference,
-        "matmul_shape": [c.batch_size, settings.dim, first_width],
+        "matmul_shape": [c.batch_size, settings.dim, first_width], "onednn_linear_flop_per_s": onednn,
+        "batched_step_ms": 1e3 * step["step_seconds"],
         "mlp_flops_utilisation": step["flop_per_s"] / reference,
     }

@@ -20,14 +20,23 @@ The step's backward pass is written out (`stacked_step`), not taken from autogra
 allocated once per stack (no 43 MB allocation and page faults per step at D = 8448 and 10 members), the first
 layer's input gradient is never formed, and the batch is gathered from the slice into a buffer of its own.
 
+On the CPU each member's products are its own calls (so its values do not depend on the other members of the
+pass), and the large ones (a layer with at least `ONEDNN_MIN_WEIGHTS` weights: the first layer at D = 8448) go to
+oneDNN (`torch.ops.mkldnn._linear_pointwise`, float32 in, float32 out): on
+this project's AMD CPU torch's batched products run through MKL, which takes its AVX2 kernels on non-Intel CPUs
+(~140 GFLOP/s on 2 cores), where oneDNN takes AVX-512 (~260-300 GFLOP/s). The same float32 formulas; the sums are
+ordered differently (float rounding). DDPMSEG_ONEDNN=0 turns it off (every product a torch batched product).
+
 A member's result depends on its seed and the shared slices only, not on the other members of the pass (each
 member's slab of a batched product is its own product), so growing an ensemble trains the new members alone.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
+import os
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -37,11 +46,13 @@ import torch
 from torch import Tensor, nn
 
 from pipeline import classifier as clf
+from pipeline.threads import one_thread_here
 
 __all__ = ["ENSEMBLE_MODES", "StackedMembers", "stack_members", "unstack_member", "stacked_forward",
            "stacked_step", "slice_order", "train_members", "training_step_flops"]
 
 ENSEMBLE_MODES = ("batched", "independent")
+ONEDNN_MIN_WEIGHTS = 65536  # a Linear layer with at least this many weights: its products per member via oneDNN
 BATCHNORM_MOMENTUM = 0.1  # nn.BatchNorm1d's default, as in the official classifier
 BATCHNORM_EPS = 1e-5
 
@@ -49,9 +60,8 @@ BATCHNORM_EPS = 1e-5
 @dataclass
 class StackedMembers:
     """The state of M members of one architecture, stacked: ``state[name]`` is ``(M, *shape)`` for every entry of
-    the template's state_dict, except Linear weights, held transposed as ``(M, in, out)`` (contiguous: the batched
-    products and their gradients need no strided copies, and Adam updates contiguous tensors). Parameters are leaf
-    tensors that require grad; BatchNorm buffers do not."""
+    the template's state_dict (Linear weights in nn.Linear's layout, ``(M, out, in)``: each member's slab is the
+    weight oneDNN's linear takes). Parameters are leaf tensors that require grad; BatchNorm buffers do not."""
 
     template: nn.Sequential  # the architecture (its own values unused)
     state: dict[str, Tensor]
@@ -65,8 +75,63 @@ class StackedMembers:
         return [self.state[name] for name, _ in self.template.named_parameters()]
 
 
-def _transposed_names(template: nn.Sequential) -> set[str]:
-    return {f"{index}.weight" for index, layer in enumerate(template) if isinstance(layer, nn.Linear)}
+@functools.cache
+def _onednn_linear() -> Callable[..., Tensor] | None:
+    """torch's oneDNN linear (x @ weight.T + bias, float32) where this torch has it and it agrees with addmm on
+    a small product; None where not, or where DDPMSEG_ONEDNN=0."""
+    if os.environ.get("DDPMSEG_ONEDNN", "1") == "0" or not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        op = torch.ops.mkldnn._linear_pointwise
+        generator = torch.Generator().manual_seed(0)
+        x, weight, bias = (torch.randn(shape, generator=generator) for shape in ((8, 16), (4, 16), (4,)))
+        if not torch.allclose(op(x, weight, bias, "none", [], ""), torch.addmm(bias, x, weight.T), atol=1e-5):
+            return None
+        return op
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def _onednn_for(weight: Tensor) -> Callable[..., Tensor] | None:
+    """The oneDNN linear where the products of `weight` (M, out, in) should go through it, else None."""
+    if weight.dtype != torch.float32 or weight.shape[1] * weight.shape[2] < ONEDNN_MIN_WEIGHTS:
+        return None
+    return _onednn_linear()
+
+
+# On the CPU every product is one member's own call (never a batched product over members), so that a member's
+# values do not depend on which other members share its pass (MKL's batched products round a batch of one
+# differently from a batch of three); on CUDA the members' products are batched products.
+
+
+def _linear(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """Every member's Linear: x (M, B, in), weight (M, out, in), bias (M, out) -> (M, B, out)."""
+    if x.device.type != "cpu":
+        return torch.baddbmm(bias[:, None, :], x, weight.transpose(1, 2))
+    onednn = _onednn_for(weight)
+    if onednn is None:
+        return torch.stack([torch.addmm(bias[m], x[m], weight[m].T) for m in range(len(x))])
+    return torch.stack([onednn(x[m], weight[m], bias[m], "none", [], "") for m in range(len(x))])
+
+
+def _weight_gradient(grad: Tensor, inputs: Tensor, out: Tensor) -> None:
+    """out (M, out, in) = grad (M, B, out)^T @ inputs (M, B, in): each member's weight gradient."""
+    if out.device.type != "cpu":
+        torch.bmm(grad.transpose(1, 2), inputs, out=out)
+        return
+    onednn = _onednn_for(out)
+    for m in range(len(out)):
+        if onednn is None:
+            torch.mm(grad[m].T, inputs[m], out=out[m])
+        else:  # grad^T @ inputs as a linear whose "weight" is inputs^T (in, B)
+            out[m].copy_(onednn(grad[m].T.contiguous(), inputs[m].T, None, "none", [], ""))
+
+
+def _input_gradient(grad: Tensor, weight: Tensor) -> Tensor:
+    """grad (M, B, out) @ weight (M, out, in) -> (M, B, in): the gradient for the layer's input."""
+    if grad.device.type != "cpu":
+        return torch.bmm(grad, weight)
+    return torch.stack([grad[m] @ weight[m] for m in range(len(grad))])
 
 
 def stack_members(models: Sequence[nn.Sequential], device: str | torch.device = "cpu") -> StackedMembers:
@@ -74,12 +139,9 @@ def stack_members(models: Sequence[nn.Sequential], device: str | torch.device = 
     if not models:
         raise ValueError("stack_members: no members given")
     names = {name for name, _ in models[0].named_parameters()}
-    transposed = _transposed_names(models[0])
     state = {}
     for name in models[0].state_dict():
         values = [m.state_dict()[name].detach() for m in models]
-        if name in transposed:
-            values = [value.T for value in values]
         stacked = torch.stack(values).contiguous().to(device)
         state[name] = stacked.requires_grad_() if name in names else stacked
     dropout = next((layer.p for layer in models[0] if isinstance(layer, nn.Dropout)), 0.0)
@@ -92,9 +154,7 @@ def unstack_member(stacked: StackedMembers, member: int, number_class: int, dim:
     with torch.random.fork_rng(devices=[]), torch.device("meta"):
         model = clf.build_classifier(number_class, dim, stacked.dropout)
     model = model.to_empty(device="cpu")
-    transposed = _transposed_names(stacked.template)
-    model.load_state_dict({name: (value[member].T if name in transposed else value[member]).detach().cpu()
-                           for name, value in stacked.state.items()})
+    model.load_state_dict({name: value[member].detach().cpu() for name, value in stacked.state.items()})
     return model.eval()
 
 
@@ -117,8 +177,8 @@ def stacked_forward(stacked: StackedMembers, x: Tensor, dropout_masks: Sequence[
     state = stacked.state
     for index, layer in enumerate(stacked.template):
         if isinstance(layer, nn.Linear):
-            weight, bias = state[f"{index}.weight"], state[f"{index}.bias"]
-            x = torch.baddbmm(bias[:, None, :], x, weight)  # weight: (M, in, out)
+            weight, bias = state[f"{index}.weight"], state[f"{index}.bias"]  # weight: (M, out, in)
+            x = torch.baddbmm(bias[:, None, :], x, weight.transpose(1, 2))
         elif isinstance(layer, nn.ReLU):
             x = torch.relu(x)
         elif isinstance(layer, nn.Dropout):
@@ -160,7 +220,7 @@ def stacked_step(stacked: StackedMembers, x: Tensor, y: Tensor, grads: dict[str,
     for index, layer in enumerate(stacked.template):
         if isinstance(layer, nn.Linear):
             saved.append((x,))
-            x = torch.baddbmm(state[f"{index}.bias"][:, None, :], x, state[f"{index}.weight"])
+            x = _linear(x, state[f"{index}.weight"], state[f"{index}.bias"])
         elif isinstance(layer, nn.ReLU):
             x = torch.relu_(x)  # in place on the Linear's output, which no backward reads
             saved.append((x,))
@@ -191,10 +251,10 @@ def stacked_step(stacked: StackedMembers, x: Tensor, y: Tensor, grads: dict[str,
         if isinstance(layer, nn.Linear):
             (inputs,) = context
             weight = state[f"{index}.weight"]
-            torch.bmm(inputs.transpose(1, 2), grad, out=grads[f"{index}.weight"])
+            _weight_gradient(grad, inputs, grads[f"{index}.weight"])
             torch.sum(grad, dim=1, out=grads[f"{index}.bias"])
             if index > 0:
-                grad = torch.bmm(grad, weight.detach().transpose(1, 2))
+                grad = _input_gradient(grad, weight.detach())
         elif isinstance(layer, nn.ReLU):
             (outputs,) = context
             grad = grad.masked_fill_(outputs <= 0, 0.0)
@@ -270,7 +330,7 @@ def train_members(
     # the first slice is read and built in a thread while the members are initialised (0.2 s at D = 8448 and 10
     # members: their init draws and the stacking); the generator is resumed from one thread at a time
     first_epoch = iter(epoch_slices(0))
-    starter = ThreadPoolExecutor(1, "first-slice")
+    starter = ThreadPoolExecutor(1, "first-slice", initializer=one_thread_here)
     try:
         first_slice = starter.submit(next, first_epoch, None)
         models = []

@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from pipeline.threads import one_thread_here
+
 
 def labelled_pixels(label: np.ndarray, ignore_label: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Coordinates and classes of the pixels of `label` (H, W) whose value is not ignore_label.
@@ -144,7 +146,10 @@ def epoch_slices(
                          images_per_buffer, slice_pixels)
     if max_pixels is not None:
         slices = _first_pixels(slices, max_pixels)
-    with ThreadPoolExecutor(1, "slice-features") if prefetch else contextlib.nullcontext() as pool:
+    # the prefetching thread builds on one torch thread (pipeline.threads.one_thread_here: a thread team of its
+    # own would slow every parallel op of the training loop beside it)
+    workers = ThreadPoolExecutor(1, "slice-features", initializer=one_thread_here) if prefetch else None
+    with workers if workers is not None else contextlib.nullcontext() as pool:
 
         def features_of(pixels: PixelSlice) -> Tensor:
             features = slice_features(pixels)

@@ -65,11 +65,12 @@ def test_batched_member_follows_the_single_member_loop():
             assert torch.allclose(ours[name].float(), theirs[name].float(), rtol=1e-4, atol=1e-5), name
 
 
-@pytest.mark.parametrize("dropout, classes", [(0.0, 4), (0.3, 31)])
-def test_stacked_step_gradients_are_autograds(dropout, classes):
+@pytest.mark.parametrize("dropout, classes, dim", [(0.0, 4, 24), (0.3, 31, 24), (0.2, 4, 600)])
+def test_stacked_step_gradients_are_autograds(dropout, classes, dim):
     """The written-out backward of stacked_step gives autograd's gradients through stacked_forward (both
-    hidden-width pairs, with and without dropout), the same losses, and the same running statistics."""
-    members, batch, dim = 3, 16, 24
+    hidden-width pairs, with and without dropout; dim 600: the first layer's products through oneDNN), the same
+    losses, and the same running statistics."""
+    members, batch = 3, 16
     models = []
     for seed in range(members):
         torch.manual_seed(seed)
@@ -106,8 +107,34 @@ def test_batched_member_does_not_depend_on_the_other_members():
     together = ensemble.train_members(settings, [1, 2, 3], slices)
     alone = ensemble.train_members(settings, [3], slices)
     for name, value in together[2][0].state_dict().items():
-        assert torch.allclose(value.float(), alone[0][0].state_dict()[name].float(), atol=1e-6), name
+        assert torch.equal(value, alone[0][0].state_dict()[name]), name  # every product is the member's own call
     assert not torch.equal(together[0][0][0].weight, together[1][0][0].weight)  # own inits
+
+
+def test_large_products_go_through_onednn_and_agree_with_torchs():
+    """At dim 600 x 128 weights the first layer's products (forward and weight gradient) are oneDNN calls on the
+    CPU; a member is the same whatever pass it is in, and within float rounding of the same member trained with
+    DDPMSEG_ONEDNN=0 (torch's products)."""
+    assert 600 * 128 >= ensemble.ONEDNN_MIN_WEIGHTS
+    if torch.backends.mkldnn.is_available():  # torch's CPU builds have it: the fast path must not vanish silently
+        assert ensemble._onednn_linear() is not None
+    features, labels = toy_data(n=400, dim=600, seed=3)
+    settings = clf.TrainSettings(number_class=4, dim=600, max_epochs=1)
+    slices = toy_slices(features, labels, size=200)
+    together = ensemble.train_members(settings, [4, 6], slices)
+    alone = ensemble.train_members(settings, [6], slices)
+    for name, value in together[1][0].state_dict().items():
+        assert torch.equal(value, alone[0][0].state_dict()[name]), name
+    try:
+        ensemble._onednn_linear.cache_clear()
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("DDPMSEG_ONEDNN", "0")
+            assert ensemble._onednn_linear() is None
+            torchs = ensemble.train_members(settings, [6], slices)
+    finally:
+        ensemble._onednn_linear.cache_clear()
+    for name, value in torchs[0][0].state_dict().items():
+        assert torch.allclose(value.float(), alone[0][0].state_dict()[name].float(), rtol=1e-4, atol=1e-5), name
 
 
 def test_batched_members_have_their_own_dropout_and_order():
@@ -293,7 +320,7 @@ def test_batched_stage_writes_members_under_todays_keys_and_grows(tiny_experimen
     ours = _stored_state(store.location, members_key(key), 2)
     theirs = _stored_state(fresh_store.location, members_key(fresh_key), 2)
     for name in ours:
-        assert torch.allclose(ours[name].float(), theirs[name].float(), atol=1e-5), name
+        assert torch.equal(ours[name], theirs[name]), name
     # a batched member through train_member (the sweep's per-member call) is a pass of one: committed here
     assert train_stage.train_member(grown, store, refs, grown_key, 2, progress=False) == {"member": 2, "ran": False}
 

@@ -162,6 +162,33 @@ def test_prefetch_builds_in_one_other_thread_and_stops_when_abandoned():
     assert threading.active_count() == before  # the worker is gone
 
 
+def test_prefetch_thread_builds_on_one_torch_thread_and_leaves_the_others_alone():
+    """The slice builder beside a training loop runs torch on one thread (a thread team of its own would slow the
+    loop's parallel ops: pipeline.threads.one_thread_here); the caller's count and the count a thread started
+    afterwards begins with are untouched."""
+    import threading
+
+    from pipeline.threads import torch_threads
+
+    counts = []
+
+    def recording(image_id, ys, xs):
+        counts.append(torch.get_num_threads())
+        return pixel_features(image_id, ys, xs)
+
+    with torch_threads(2):
+        batches = epoch_batches(IMAGE_IDS, LABELS.__getitem__, per_image(recording), IGNORE, 8, 0, 0,
+                                slice_pixels=16)
+        next(batches)
+        batches.close()
+        later = []
+        started = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+        started.start()
+        started.join()
+        assert counts and set(counts) == {1}
+        assert torch.get_num_threads() == 2 and later == [2]
+
+
 def test_error_in_the_prefetch_thread_reaches_the_consumer():
     def failing(image_id, ys, xs):
         raise OSError(f"store unreachable while reading {image_id}")
