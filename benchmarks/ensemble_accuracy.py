@@ -9,6 +9,8 @@ features are extracted once; members already in the store are reused). Prints on
 official mIoU of each seed, their mean and standard deviation (population, as the demo table), and whether the
 means agree within the larger deviation. --images-per-buffer sets classifier.images_per_buffer (default: the
 demo's, 4) for every mode run; --modes runs only some modes (the comparison then needs both in one JSON).
+--modes batched-own-slices: a diagnostic, the batched step with each member in a pass of its own whose slices
+come from its member seed (README: what sharing the slices costs).
 """
 from __future__ import annotations
 
@@ -24,6 +26,20 @@ if __package__ in (None, ""):  # `python benchmarks/ensemble_accuracy.py`: make 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 MODES = ("independent", "batched")
+DIAGNOSTIC_MODES = ("batched-own-slices",)  # the batched step, each member with a slice stream of its own
+
+
+def _train_own_slices(cfg, store, refs, key, members: int) -> None:
+    """batched-own-slices: each member in a batched pass of its own whose slices are drawn from its member seed
+    (the stream structure of an independent member) instead of the shared ensemble seed: what sharing the slices
+    costs, apart from the batched step's arithmetic. Written under the batched train key, in a store of its own."""
+    from unittest import mock
+
+    from flows import train as train_stage
+
+    for index in range(members):
+        with mock.patch.object(train_stage, "ensemble_seed", lambda c, index=index: train_stage.member_seed(c, index)):
+            train_stage.train_members(cfg, store, refs, key, [index], progress=False)
 
 
 def run_accuracy(out: Path, seeds: list[int], members: int = 10, modes: tuple[str, ...] = MODES,
@@ -53,7 +69,9 @@ def run_accuracy(out: Path, seeds: list[int], members: int = 10, modes: tuple[st
     for seed in seeds:  # modes interleaved: an interrupted run still compares them on the same seeds
         for mode in modes:
             config = demo_config("ddpm", seed, members=members)
-            config["classifier"].update(ensemble=mode, device="cpu")
+            config["classifier"].update(ensemble="batched" if mode in DIAGNOSTIC_MODES else mode, device="cpu")
+            if mode in DIAGNOSTIC_MODES:
+                config["store"] = f"store-{mode}"  # its members sit under the batched key: never mixed with those
             if images_per_buffer is not None:
                 config["classifier"]["images_per_buffer"] = images_per_buffer
             config["evaluation"] = {"gallery": 0, "save_png": False}  # the scores only: no report, no PNGs
@@ -68,7 +86,9 @@ def run_accuracy(out: Path, seeds: list[int], members: int = 10, modes: tuple[st
             for split, refs in splits.items():
                 extract_split(cfg, store, refs.extraction(cfg, split), progress=False)
             train = train_key(cfg, train_refs)
-            if mode == "batched":
+            if mode == "batched-own-slices":
+                _train_own_slices(cfg, store, train_refs, train, members)
+            elif mode == "batched":
                 train_stage.train_members(cfg, store, train_refs, train, list(range(members)), progress=False)
             else:
                 for index in range(members):
@@ -98,15 +118,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("ensemble-accuracy"))
     parser.add_argument("--seeds", default="0,1,2,3,4")
     parser.add_argument("--members", type=int, default=10)
-    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {MODES}")
+    parser.add_argument("--modes", default=",".join(MODES),
+                        help=f"comma-separated subset of {MODES + DIAGNOSTIC_MODES} (batched-own-slices: a "
+                             "diagnostic, the batched step with each member's own slice stream)")
     parser.add_argument("--images-per-buffer", type=int, default=None)
     args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     if len(seeds) < 1:
         parser.error("--seeds: give at least one seed")
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
-    if not modes or set(modes) - set(MODES):
-        parser.error(f"--modes: expected some of {MODES}, got {args.modes!r}")
+    if not modes or set(modes) - set(MODES + DIAGNOSTIC_MODES):
+        parser.error(f"--modes: expected some of {MODES + DIAGNOSTIC_MODES}, got {args.modes!r}")
     if args.images_per_buffer is not None and args.images_per_buffer < 1:
         parser.error(f"--images-per-buffer must be >= 1, got {args.images_per_buffer}")
     results = run_accuracy(args.out, seeds, args.members, modes, args.images_per_buffer)

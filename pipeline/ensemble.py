@@ -1,7 +1,7 @@
 """Training several members of the ensemble in one pass over shared slices (`classifier.ensemble: batched`).
 
-Each slice of sampled pixel features is built once and feeds every member still training. The members' layers
-are stacked along a leading member dimension M and run as batched matrix products (``torch.baddbmm``); the
+Each slice of sampled pixel features is built once and feeds every member still training. The members' state
+is stacked along a leading member dimension M (one Adam pass, one BatchNorm op, one gather for all); the
 layers are exactly `pipeline.classifier.build_classifier`'s (Linear, ReLU, optional Dropout, BatchNorm1d in
 train mode with its running statistics). Per member, as in `pipeline.classifier.train_member`:
 
@@ -20,15 +20,16 @@ The step's backward pass is written out (`stacked_step`), not taken from autogra
 allocated once per stack (no 43 MB allocation and page faults per step at D = 8448 and 10 members), the first
 layer's input gradient is never formed, and the batch is gathered from the slice into a buffer of its own.
 
-On the CPU each member's products are its own calls (so its values do not depend on the other members of the
-pass), and the large ones (a layer with at least `ONEDNN_MIN_WEIGHTS` weights: the first layer at D = 8448) go to
-oneDNN (`torch.ops.mkldnn._linear_pointwise`, float32 in, float32 out): on
-this project's AMD CPU torch's batched products run through MKL, which takes its AVX2 kernels on non-Intel CPUs
-(~140 GFLOP/s on 2 cores), where oneDNN takes AVX-512 (~260-300 GFLOP/s). The same float32 formulas; the sums are
-ordered differently (float rounding). DDPMSEG_ONEDNN=0 turns it off (every product a torch batched product).
+The matrix products: on CUDA batched products over the members (``torch.baddbmm`` / ``bmm``); on the CPU one
+call per member, and the large ones (a layer with at least `ONEDNN_MIN_WEIGHTS` weights: the first layer at
+D = 8448) through oneDNN (``torch.ops.mkldnn._linear_pointwise``, float32 in and out). torch's float32 products
+run through MKL, which takes its AVX2 kernels on non-Intel CPUs (~140-165 GFLOP/s for this shape on this
+project's 2-core AMD machine), where oneDNN takes AVX-512 (~260-370 GFLOP/s). The same float32 formulas, the sums
+ordered differently (float rounding). DDPMSEG_ONEDNN=0 turns oneDNN off (per-member torch products).
 
-A member's result depends on its seed and the shared slices only, not on the other members of the pass (each
-member's slab of a batched product is its own product), so growing an ensemble trains the new members alone.
+A member's result depends on its seed and the shared slices only, not on the other members of the pass (on the
+CPU every product is the member's own call: bit for bit, tested; MKL's batched products round a batch of one
+differently from a batch of three), so growing an ensemble trains the new members alone.
 """
 
 from __future__ import annotations
@@ -97,11 +98,6 @@ def _onednn_for(weight: Tensor) -> Callable[..., Tensor] | None:
     if weight.dtype != torch.float32 or weight.shape[1] * weight.shape[2] < ONEDNN_MIN_WEIGHTS:
         return None
     return _onednn_linear()
-
-
-# On the CPU every product is one member's own call (never a batched product over members), so that a member's
-# values do not depend on which other members share its pass (MKL's batched products round a batch of one
-# differently from a batch of three); on CUDA the members' products are batched products.
 
 
 def _linear(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:

@@ -1,14 +1,12 @@
 """The batched ensemble (pipeline/ensemble.py), classifier.device, and the independent path kept bit for bit."""
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
 
 from pipeline import classifier as clf
 from pipeline import ensemble, pixels
-from pipeline.config import ConfigError, ExperimentConfig, load_config
+from pipeline.config import ExperimentConfig, load_config
 
 
 def toy_data(n: int = 900, dim: int = 24, classes: int = 4, seed: int = 0):
@@ -281,7 +279,6 @@ def _stored_state(loc, key: str, index: int) -> dict:
 def test_independent_cpu_member_is_bit_identical_to_todays(tiny_experiment):
     from flows import train as train_stage
     from flows.stage_keys import members_key, train_key
-    from storage import artifacts
 
     cfg, store, refs = _prepared(tiny_experiment(classifier={"model_num": 1, "max_epochs": 2, "device": "cpu",
                                                              "ensemble": "independent", "dropout": 0.2}))
