@@ -19,7 +19,8 @@ from flows import prepare as prepare_stage
 from flows import segmenter as segmenter_stage
 from flows import stage_keys
 from flows import synthesize as synthesize_stage
-from flows.segment import _cached, _call, _key_dict, _open, _refs, extract_task, run_segment
+from flows.segment import extract_task, run_segment
+from flows.tasks import CACHED, call_task, image_refs, key_dict, open_store
 from pipeline.config import ExperimentConfig, config_to_dict, load_config
 from pipeline.progress import labelled
 from storage import artifacts
@@ -30,40 +31,40 @@ from storage.location import StoreLocation
 STAGES = ("synthesize", "segmenter")
 
 
-@task(name="synthesize", **_cached)
+@task(name="synthesize", **CACHED)
 def synthesize_task(config: dict[str, Any], store_url: str, plan: dict[str, Any], key: dict[str, Any],
                     progress: bool = True, label: str = "") -> dict[str, int]:
-    cfg, store = _open(config, store_url)
+    cfg, store = open_store(config, store_url)
     return synthesize_stage.synthesize(cfg, store, synthesize_stage.plan_from_dict(plan), progress=progress,
                                        desc=labelled(label, "synthesize"))
 
 
-@task(name="label", **_cached)
+@task(name="label", **CACHED)
 def label_task(config: dict[str, Any], store_url: str, plan: dict[str, Any], train: dict[str, Any],
                key: dict[str, Any], progress: bool = True, label: str = "") -> dict[str, int]:
-    cfg, store = _open(config, store_url)
+    cfg, store = open_store(config, store_url)
     return label_stage.label(cfg, store, synthesize_stage.plan_from_dict(plan), Key(**train), progress=progress,
                              desc=labelled(label, "label"))
 
 
-@task(name="segmenter-train", **_cached)
+@task(name="segmenter-train", **CACHED)
 def segmenter_train_task(config: dict[str, Any], store_url: str, plan: dict[str, Any], train: dict[str, Any],
                          key: dict[str, Any], progress: bool = True, label: str = "") -> dict[str, Any]:
-    cfg, store = _open(config, store_url)
+    cfg, store = open_store(config, store_url)
     return segmenter_stage.train(cfg, store, synthesize_stage.plan_from_dict(plan), Key(**train), progress=progress,
                                  desc=labelled(label, "segmenter train"))
 
 
-@task(name="segmenter-evaluate", **_cached)
+@task(name="segmenter-evaluate", **CACHED)
 def segmenter_evaluate_task(config: dict[str, Any], store_url: str, plan: dict[str, Any], train: dict[str, Any],
                             validation: list[dict[str, str]], test: list[dict[str, str]],
                             key: dict[str, Any]) -> dict[str, Any]:
-    cfg, store = _open(config, store_url)
+    cfg, store = open_store(config, store_url)
     eval_key = Key(**key)
     if artifacts.read_record(store.location, eval_key.stage, eval_key.value) is not None:
         return {"ran": False}
     result = segmenter_stage.evaluate(cfg, store, synthesize_stage.plan_from_dict(plan), Key(**train),
-                                      _refs(validation), _refs(test), eval_key)
+                                      image_refs(validation), image_refs(test), eval_key)
     artifacts.write_record(store.location, eval_key, {"miou": result["miou"]})
     return {"ran": True}
 
@@ -74,8 +75,8 @@ def run_synthesize(cfg: ExperimentConfig, loc: StoreLocation, plan: synthesize_s
     store = FeatureStore(loc)
     key = synthesize_stage.samples_key(cfg, plan)
     missing = synthesize_stage.missing_batches(cfg, store, plan)
-    counts, cached = _call(synthesize_task, bool(missing), summary, config=config_to_dict(cfg), store_url=loc.url,
-                           plan=asdict(plan), key=_key_dict(key), progress=progress, label=label)
+    counts, cached = call_task(synthesize_task, bool(missing), summary, config=config_to_dict(cfg), store_url=loc.url,
+                           plan=asdict(plan), key=key_dict(key), progress=progress, label=label)
     summary["samples_drawn"] = 0 if cached else counts["samples_drawn"]
     summary["samples_key"] = key.value
     summary["stages"]["synthesize"] = "ran" if summary["samples_drawn"] else "cached"
@@ -102,8 +103,8 @@ def run_datasetddpm(cfg: ExperimentConfig, store_url: str, plan: synthesize_stag
     config = config_to_dict(cfg)
 
     todo = extract_stage.extract_plan(cfg, store, refs)  # the synthetic split: extracted like any other
-    counts, cached = _call(extract_task, bool(todo), summary, config=config, store_url=loc.url,
-                           refs=[asdict(r) for r in refs], key=_key_dict(stage_keys.extract_key(cfg, refs)),
+    counts, cached = call_task(extract_task, bool(todo), summary, config=config, store_url=loc.url,
+                           refs=[asdict(r) for r in refs], key=key_dict(stage_keys.extract_key(cfg, refs)),
                            split=synthesize_stage.SPLIT, progress=progress, label=label)
     summary["unet_forwards"] += 0 if cached else counts["unet_forwards"]
     summary["stages"]["extract synthetic"] = "ran" if todo else "cached"
@@ -111,16 +112,16 @@ def run_datasetddpm(cfg: ExperimentConfig, store_url: str, plan: synthesize_stag
     train_key = Key(**_train_key_dict(cfg, store))
     key = label_stage.label_key(cfg, plan, train_key)
     missing = label_stage.missing_label_batches(cfg, store, plan, train_key, refs)
-    counts, cached = _call(label_task, bool(missing), summary, config=config, store_url=loc.url, plan=asdict(plan),
-                           train=_key_dict(train_key), key=_key_dict(key), progress=progress, label=label)
+    counts, cached = call_task(label_task, bool(missing), summary, config=config, store_url=loc.url, plan=asdict(plan),
+                           train=key_dict(train_key), key=key_dict(key), progress=progress, label=label)
     summary["labelled"] = 0 if cached else counts["labelled"]
     summary["label_key"] = key.value
     summary["stages"]["label"] = "ran" if summary["labelled"] else "cached"
 
     seg_key = segmenter_stage.segmenter_key(cfg, plan, train_key)
     missing = artifacts.read_record(loc, "segmenter", seg_key.value) is None
-    info, cached = _call(segmenter_train_task, missing, summary, config=config, store_url=loc.url, plan=asdict(plan),
-                         train=_key_dict(train_key), key=_key_dict(seg_key), progress=progress, label=label)
+    info, cached = call_task(segmenter_train_task, missing, summary, config=config, store_url=loc.url, plan=asdict(plan),
+                         train=key_dict(train_key), key=key_dict(seg_key), progress=progress, label=label)
     summary["segmenter_epochs_trained"] = 0 if cached else info["epochs_trained"]
     summary["segmenter_key"] = seg_key.value
     summary["stages"]["segmenter"] = "ran" if summary["segmenter_epochs_trained"] else "cached"
@@ -129,9 +130,9 @@ def run_datasetddpm(cfg: ExperimentConfig, store_url: str, plan: synthesize_stag
     test = prepare_stage.prepare(cfg, store, "test").base
     eval_key = segmenter_stage.evaluate_key(cfg, seg_key, validation, test)
     missing = artifacts.read_record(loc, eval_key.stage, eval_key.value) is None
-    info, cached = _call(segmenter_evaluate_task, missing, summary, config=config, store_url=loc.url,
-                         plan=asdict(plan), train=_key_dict(train_key), validation=[asdict(r) for r in validation],
-                         test=[asdict(r) for r in test], key=_key_dict(eval_key))
+    info, cached = call_task(segmenter_evaluate_task, missing, summary, config=config, store_url=loc.url,
+                         plan=asdict(plan), train=key_dict(train_key), validation=[asdict(r) for r in validation],
+                         test=[asdict(r) for r in test], key=key_dict(eval_key))
     summary["stages"]["segmenter evaluate"] = "ran" if info["ran"] and not cached else "cached"
     result = outputs.evaluation_metrics(loc, eval_key.value)
     summary["segmenter"] = {k: result[k] for k in ("miou", "miou_standard", "pixel_accuracy", "model_selection",
@@ -145,7 +146,7 @@ def run_datasetddpm(cfg: ExperimentConfig, store_url: str, plan: synthesize_stag
 
 def _train_key_dict(cfg: ExperimentConfig, store: FeatureStore) -> dict[str, Any]:
     split = prepare_stage.prepare(cfg, store, "train", write=False)
-    return _key_dict(stage_keys.train_key(cfg, split.base + split.views))
+    return key_dict(stage_keys.train_key(cfg, split.base + split.views))
 
 
 @flow(name="datasetddpm")

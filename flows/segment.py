@@ -25,111 +25,59 @@ from flows import prefect_results
 from flows import references
 from flows import stage_keys
 from flows import train as train_stage
+from flows.tasks import CACHED, call_task, call_tasks, image_refs, key_dict, open_store
 from pipeline.config import ExperimentConfig, config_to_dict, load_config
 from pipeline.progress import labelled
 from storage import artifacts
 from storage.features import FeatureStore
-from storage.keys import Key, digest
+from storage.keys import Key
 from storage.location import StoreLocation
 
 ALL_STAGES = ("extract", "train", "evaluate")
 
 
-def _open(config: dict[str, Any], store_url: str) -> tuple[ExperimentConfig, FeatureStore]:
-    cfg = ExperimentConfig.model_validate(config)
-    return cfg, FeatureStore(StoreLocation.parse(store_url, read_only=cfg.store_read_only))
-
-
-def _refs(refs: list[dict[str, str]]) -> list[stage_keys.ImageRef]:
-    return [stage_keys.ImageRef(**r) for r in refs]
-
-
-def _stage_cache_key(context: Any, parameters: dict[str, Any]) -> str:
-    """Prefect's cache key = the stage key (+ member index, or the indices of a batched pass), per store: the
-    Prefect cache is an accelerator of one store, never a claim about another."""
-    key = Key(**parameters["key"])
-    value = key.value
-    if "index" in parameters:
-        value = f"{stage_keys.members_key(key)}-m{parameters['index']:02d}"
-    elif "indices" in parameters:
-        value = f"{stage_keys.members_key(key)}-m{'-'.join(f'{i:02d}' for i in parameters['indices'])}"
-    return f"ddpmseg-{key.stage}-{value}-{digest(parameters['store_url'])[:12]}"
-
-
-_cached = dict(cache_key_fn=_stage_cache_key, persist_result=True)
-
-
 @task(name="prepare", cache_policy=NO_CACHE)
 def prepare_task(config: dict[str, Any], store_url: str, split: str) -> dict[str, list[dict[str, str]]]:
     """Validate and store a split's images, labels and derived views; returns {"base": refs, "views": refs}."""
-    cfg, store = _open(config, store_url)
+    cfg, store = open_store(config, store_url)
     refs = prepare_stage.prepare(cfg, store, split)
     return {"base": [asdict(r) for r in refs.base], "views": [asdict(r) for r in refs.views]}
 
 
-@task(name="extract", **_cached)
+@task(name="extract", **CACHED)
 def extract_task(config: dict[str, Any], store_url: str, refs: list[dict[str, str]], key: dict[str, Any],
                  split: str, progress: bool = True, label: str = "") -> dict[str, int]:
-    cfg, store = _open(config, store_url)
-    return extract_stage.extract_split(cfg, store, _refs(refs), progress=progress,
+    cfg, store = open_store(config, store_url)
+    return extract_stage.extract_split(cfg, store, image_refs(refs), progress=progress,
                                        desc=labelled(label, f"extract {split}"))
 
 
-@task(name="train-member", **_cached)
+@task(name="train-member", **CACHED)
 def train_member_task(config: dict[str, Any], store_url: str, refs: list[dict[str, str]], key: dict[str, Any],
                       index: int, progress: bool = True, label: str = "") -> dict[str, Any]:
-    cfg, store = _open(config, store_url)
-    return train_stage.train_member(cfg, store, _refs(refs), Key(**key), index, progress=progress, label=label)
+    cfg, store = open_store(config, store_url)
+    return train_stage.train_member(cfg, store, image_refs(refs), Key(**key), index, progress=progress, label=label)
 
 
-@task(name="train-members", **_cached)
+@task(name="train-members", **CACHED)
 def train_members_task(config: dict[str, Any], store_url: str, refs: list[dict[str, str]], key: dict[str, Any],
                        indices: list[int], progress: bool = True, label: str = "") -> list[dict[str, Any]]:
     """The members `indices` not yet committed, trained in one batched pass (classifier.ensemble: batched)."""
-    cfg, store = _open(config, store_url)
-    return train_stage.train_members(cfg, store, _refs(refs), Key(**key), indices, progress=progress, label=label)
+    cfg, store = open_store(config, store_url)
+    return train_stage.train_members(cfg, store, image_refs(refs), Key(**key), indices, progress=progress, label=label)
 
 
-@task(name="evaluate", **_cached)
+@task(name="evaluate", **CACHED)
 def evaluate_task(config: dict[str, Any], store_url: str, refs: list[dict[str, str]], train: dict[str, Any],
                   key: dict[str, Any], progress: bool = True, label: str = "") -> dict[str, Any]:
-    cfg, store = _open(config, store_url)
+    cfg, store = open_store(config, store_url)
     eval_key = Key(**key)
     if artifacts.read_record(store.location, "evaluate", eval_key.value) is not None:
         return {"ran": False}
-    result = evaluate_stage.evaluate(cfg, store, _refs(refs), Key(**train), eval_key, progress=progress,
+    result = evaluate_stage.evaluate(cfg, store, image_refs(refs), Key(**train), eval_key, progress=progress,
                                      label=label)
     artifacts.write_record(store.location, eval_key, {"miou": result["miou"]})
     return {"ran": True}
-
-
-def _key_dict(key: Key) -> dict[str, Any]:
-    return {"stage": key.stage, "inputs": key.inputs}
-
-
-def _call_many(task_fn, calls: list[tuple[bool, dict[str, Any]]], summary: dict[str, Any],
-               parallel: bool) -> list[tuple[Any, bool]]:
-    """Run cached tasks, one per (refresh_cache, kwargs); returns [(result, came_from_prefect_cache)].
-
-    parallel: submit them all to the flow's task runner (a Dask cluster); otherwise run them one after another
-    in this process (one model in memory, readable progress bars)."""
-    if parallel:
-        futures = [task_fn.with_options(refresh_cache=refresh).submit(**kwargs) for refresh, kwargs in calls]
-        for f in futures:
-            f.wait()
-        states = [f.state for f in futures]
-    else:
-        states = [task_fn.with_options(refresh_cache=refresh)(return_state=True, **kwargs) for refresh, kwargs in calls]
-    out = []
-    for state in states:
-        cached = state.name == "Cached"
-        summary["prefect_cache_hits"] += int(cached)
-        out.append((state.result(), cached))
-    return out
-
-
-def _call(task_fn, refresh: bool, summary: dict[str, Any], **kwargs) -> tuple[Any, bool]:
-    return _call_many(task_fn, [(refresh, kwargs)], summary, parallel=False)[0]
 
 
 def run_segment(cfg: ExperimentConfig, store_url: str | None = None, stages_to_run: tuple[str, ...] = ALL_STAGES,
@@ -147,7 +95,7 @@ def run_segment(cfg: ExperimentConfig, store_url: str | None = None, stages_to_r
                                "prefect_cache_hits": 0}
 
     prepared = {split: prepare_task(config, loc.url, split) for split in ("train", "test")}
-    split_refs = {split: prepare_stage.SplitRefs(_refs(p["base"]), _refs(p["views"])) for split, p in prepared.items()}
+    split_refs = {split: prepare_stage.SplitRefs(image_refs(p["base"]), image_refs(p["views"])) for split, p in prepared.items()}
     train_refs = [asdict(r) for r in split_refs["train"].extraction(cfg, "train")]
     test_refs = prepared["test"]["base"]
     keys: dict[str, Key] = {}
@@ -160,28 +108,28 @@ def run_segment(cfg: ExperimentConfig, store_url: str | None = None, stages_to_r
             for batch in (refs[i:i + step] for i in range(0, len(refs), step)):
                 todo = extract_stage.extract_plan(cfg, store, batch)
                 calls.append((bool(todo), dict(config=config, store_url=loc.url, refs=[asdict(r) for r in batch],
-                                               key=_key_dict(stage_keys.extract_key(cfg, batch)), split=split,
+                                               key=key_dict(stage_keys.extract_key(cfg, batch)), split=split,
                                                progress=progress and not parallel, label=label)))
-            for counts, cached in _call_many(extract_task, calls, summary, parallel):
+            for counts, cached in call_tasks(extract_task, calls, summary, parallel):
                 summary["unet_forwards"] += 0 if cached else counts["unet_forwards"]
         summary["stages"]["extract"] = "ran" if summary["unet_forwards"] else "cached"
 
-    train_key = keys["train"] = stage_keys.train_key(cfg, _refs(train_refs))
+    train_key = keys["train"] = stage_keys.train_key(cfg, image_refs(train_refs))
     summary["train_key"] = train_key.value
     if "train" in stages_to_run:
         missing = [i for i in range(cfg.classifier.model_num)
                    if not artifacts.member_committed(loc, stage_keys.members_key(train_key), i)]
         if cfg.classifier.ensemble == "batched":  # one task: a pass over the missing members on every core
-            infos, cached = _call(train_members_task, bool(missing), summary, config=config, store_url=loc.url,
-                                  refs=train_refs, key=_key_dict(train_key),
+            infos, cached = call_task(train_members_task, bool(missing), summary, config=config, store_url=loc.url,
+                                  refs=train_refs, key=key_dict(train_key),
                                   indices=missing or list(range(cfg.classifier.model_num)), progress=progress,
                                   label=label)
             summary["members_trained"] += 0 if cached else sum(int(info["ran"]) for info in infos)
         else:
-            calls = [(i in missing, dict(config=config, store_url=loc.url, refs=train_refs, key=_key_dict(train_key),
+            calls = [(i in missing, dict(config=config, store_url=loc.url, refs=train_refs, key=key_dict(train_key),
                                          index=i, progress=progress and not parallel, label=label))
                      for i in range(cfg.classifier.model_num)]
-            for info, cached in _call_many(train_member_task, calls, summary, parallel):
+            for info, cached in call_tasks(train_member_task, calls, summary, parallel):
                 summary["members_trained"] += int(info["ran"] and not cached)
         if artifacts.read_record(loc, "train", train_key.value) is None:
             artifacts.write_record(loc, train_key, {"members": cfg.classifier.model_num,
@@ -189,11 +137,11 @@ def run_segment(cfg: ExperimentConfig, store_url: str | None = None, stages_to_r
         summary["stages"]["train"] = "ran" if summary["members_trained"] else "cached"
 
     if "evaluate" in stages_to_run:
-        eval_key = keys["evaluate"] = stage_keys.evaluate_key(cfg, train_key, _refs(test_refs))
+        eval_key = keys["evaluate"] = stage_keys.evaluate_key(cfg, train_key, image_refs(test_refs))
         summary["evaluate_key"] = eval_key.value
         missing = artifacts.read_record(loc, "evaluate", eval_key.value) is None
-        info, cached = _call(evaluate_task, missing, summary, config=config, store_url=loc.url, refs=test_refs,
-                             train=_key_dict(train_key), key=_key_dict(eval_key), progress=progress, label=label)
+        info, cached = call_task(evaluate_task, missing, summary, config=config, store_url=loc.url, refs=test_refs,
+                             train=key_dict(train_key), key=key_dict(eval_key), progress=progress, label=label)
         summary["stages"]["evaluate"] = "ran" if info["ran"] and not cached else "cached"
         result = outputs.evaluation_metrics(loc, eval_key.value)
         summary.update({k: result[k] for k in ("miou", "miou_standard", "pixel_accuracy", "uncertainty")})
