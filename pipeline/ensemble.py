@@ -78,17 +78,19 @@ class StackedMembers:
 
 @functools.cache
 def _onednn_linear() -> Callable[..., Tensor] | None:
-    """torch's oneDNN linear (x @ weight.T + bias, float32) where this torch has it and it agrees with addmm on
-    a small product; None where not, or where DDPMSEG_ONEDNN=0."""
+    """torch's oneDNN linear (x @ weight.T + bias, float32) where this torch has it and it agrees with torch's
+    products in both forms the step uses (a plain weight with a bias; a transposed view as the weight, no bias);
+    None where not, or where DDPMSEG_ONEDNN=0."""
     if os.environ.get("DDPMSEG_ONEDNN", "1") == "0" or not torch.backends.mkldnn.is_available():
         return None
     try:
         op = torch.ops.mkldnn._linear_pointwise
         generator = torch.Generator().manual_seed(0)
         x, weight, bias = (torch.randn(shape, generator=generator) for shape in ((8, 16), (4, 16), (4,)))
-        if not torch.allclose(op(x, weight, bias, "none", [], ""), torch.addmm(bias, x, weight.T), atol=1e-5):
-            return None
-        return op
+        grad = torch.randn(8, 4, generator=generator)
+        forward_ok = torch.allclose(op(x, weight, bias, "none", [], ""), torch.addmm(bias, x, weight.T), atol=1e-5)
+        gradient_ok = torch.allclose(op(grad.T.contiguous(), x.T, None, "none", [], ""), grad.T @ x, atol=1e-5)
+        return op if forward_ok and gradient_ok else None
     except (AttributeError, RuntimeError):
         return None
 
