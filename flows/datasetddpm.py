@@ -16,6 +16,7 @@ from flows import extract as extract_stage
 from flows import label as label_stage
 from flows import outputs
 from flows import prepare as prepare_stage
+from flows import references
 from flows import segmenter as segmenter_stage
 from flows import stage_keys
 from flows import synthesize as synthesize_stage
@@ -91,6 +92,7 @@ def run_datasetddpm(cfg: ExperimentConfig, store_url: str, plan: synthesize_stag
     summary: dict[str, Any] = {"store": loc.url, "stages": {}, "prefect_cache_hits": 0, "samples": plan.samples}
     if "segmenter" not in stages:
         run_synthesize(cfg, loc, plan, summary, progress, label)
+        references.write_lock(cfg, {"synthesize": synthesize_stage.samples_key(cfg, plan)}, [], asdict(plan))
         return summary
     ensemble = run_segment(cfg, loc.url, ("extract", "train", "evaluate"), progress, label=label)
     summary["ensemble"] = {k: ensemble[k] for k in ("miou", "miou_standard", "pixel_accuracy", "metrics_path",
@@ -134,6 +136,9 @@ def run_datasetddpm(cfg: ExperimentConfig, store_url: str, plan: synthesize_stag
                          plan=asdict(plan), train=key_dict(train_key), validation=[asdict(r) for r in validation],
                          test=[asdict(r) for r in test], key=key_dict(eval_key))
     summary["stages"]["segmenter evaluate"] = "ran" if info["ran"] and not cached else "cached"
+    references.write_lock(cfg, {"synthesize": synthesize_stage.samples_key(cfg, plan),
+                                "extract_synthetic": stage_keys.extract_key(cfg, refs), "label": key,
+                                "segmenter": seg_key, "segmenter_evaluate": eval_key}, [], asdict(plan))
     result = outputs.evaluation_metrics(loc, eval_key.value)
     summary["segmenter"] = {k: result[k] for k in ("miou", "miou_standard", "pixel_accuracy", "model_selection",
                                                    "selected_epoch", "validation_miou")}

@@ -21,16 +21,22 @@ def lock_path(cfg: ExperimentConfig) -> Path:
     return Path(cfg.output_dir) / LOCK_NAME
 
 
-def write_lock(cfg: ExperimentConfig, keys: dict[str, Key], refs: list[ImageRef]) -> None:
-    """Record each stage's key and inputs beside the outputs, like dvc.lock, merged with the previous lock."""
+def write_lock(cfg: ExperimentConfig, keys: dict[str, Key], refs: list[ImageRef],
+               datasetddpm_plan: dict[str, Any] | None = None) -> None:
+    """Record each stage's key and inputs beside the outputs, like dvc.lock, merged with the previous lock;
+    datasetddpm_plan: the sampling plan of the last DatasetDDPM run (samples, sampler), for `ddpmseg status`."""
     path = lock_path(cfg)
     previous = read_lock(cfg)
     stages_ = {**previous.get("stages", {}),
                **{name: {"key": k.value, "inputs": k.inputs} for name, k in keys.items()}}
     names = {**previous.get("names", {}), **{r.image_id: r.stem for r in refs}}
+    lock: dict[str, Any] = {"stages": stages_, "names": names}
+    plan = datasetddpm_plan if datasetddpm_plan is not None else previous.get("datasetddpm_plan")
+    if plan is not None:
+        lock["datasetddpm_plan"] = plan
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"stages": stages_, "names": names}, indent=1, sort_keys=True))
+    tmp.write_text(json.dumps(lock, indent=1, sort_keys=True))
     tmp.replace(path)
 
 

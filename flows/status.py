@@ -2,6 +2,8 @@
 
 Freshness comes from the store (the source of truth); the reason comes from comparing the current stage keys'
 inputs with those recorded in the config's lock file (`<output_dir>/ddpmseg.lock.json`) by its last run.
+DatasetDDPM's stages are listed once the config has run them (the lock holds their sampling plan); their keys come
+from modules that import torch, loaded only then.
 """
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ _LABELS = {
     "backbone.kind": "model.kind",
     "features.noise_seed": "features.seed",
 }
+_STAGE_INPUTS = {"train": "train stage", "samples": "synthesize stage", "labels": "label stage",
+                 "segmenter": "segmenter stage"}  # inputs that are another stage's key
 
 
 def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
@@ -70,8 +74,8 @@ def diff_inputs(old: dict[str, Any] | None, new: dict[str, Any], names: dict[str
             continue
         if path == "images":
             out.extend(_image_changes(a.get(path, []), b.get(path, []), names))
-        elif path == "train":
-            out.append("train stage changed")
+        elif path in _STAGE_INPUTS:
+            out.append(f"{_STAGE_INPUTS[path]} changed")
         else:
             out.append(f"{_LABELS.get(path, path)} {_show(a.get(path, '(none)'))} → {_show(b.get(path, '(none)'))}")
     return out or ["inputs unchanged but results missing from the store"]
@@ -93,9 +97,7 @@ def stage_status(cfg: ExperimentConfig, store_url: str | None = None) -> list[di
         key = stage_keys.extract_key(cfg, rs)
         old_inputs = old.get(f"extract_{split}", {}).get("inputs")
         for t in cfg.features.steps:
-            missing = {r.entry: set(cfg.sorted_blocks) - store.committed_blocks(stage_keys.unit_for(cfg, t, r.view),
-                                                                                 r.image_id) for r in rs}
-            missing = {i: m for i, m in missing.items() if m}
+            missing = _without_features(cfg, store, rs, t)
             name = f"extract {split}/t{t:04d}"
             if not missing:
                 out.append({"stage": name, "state": "fresh", "reasons": [], "images": len(rs)})
@@ -128,7 +130,68 @@ def stage_status(cfg: ExperimentConfig, store_url: str | None = None) -> list[di
     out.append({"stage": "evaluate", "state": "fresh" if fresh else "stale", "key": eval_key.short,
                 "reasons": [] if fresh else diff_inputs(old.get("evaluate", {}).get("inputs"), eval_key.inputs,
                                                         names)})
+    if lock.get("datasetddpm_plan") is not None and cfg.model.kind == "ddpm":
+        out += datasetddpm_status(cfg, store, lock, train_key, prepared, names)
     return out
+
+
+def _without_features(cfg: ExperimentConfig, store: FeatureStore, refs: list[stage_keys.ImageRef],
+                      t: int) -> dict[str, set[int]]:
+    """{entry: blocks not committed} of the refs lacking features at timestep t."""
+    missing = {r.entry: set(cfg.sorted_blocks) - store.committed_blocks(stage_keys.unit_for(cfg, t, r.view), r.image_id)
+               for r in refs}
+    return {entry: blocks for entry, blocks in missing.items() if blocks}
+
+
+def datasetddpm_status(cfg: ExperimentConfig, store: FeatureStore, lock: dict[str, Any], train_key: Any,
+                       prepared: dict[str, Any], names: dict[str, str]) -> list[dict[str, Any]]:
+    """DatasetDDPM's stages with the last run's sample count and sampler (its command line may have overridden the
+    config's) and the config's other settings: synthesize, extract synthetic per timestep, label, segmenter,
+    segmenter evaluate."""
+    from flows import label as label_stage
+    from flows import segmenter as segmenter_stage
+    from flows import synthesize as synthesize_stage
+    from pipeline.config import ConfigError
+    from storage.features import StoreError
+
+    old, recorded = lock.get("stages", {}), lock["datasetddpm_plan"]
+
+    def entry(stage: str, fresh: bool, key: Any, lock_name: str, more: tuple[str, ...] | list[str] = (),
+              state: str = "stale") -> dict[str, Any]:
+        reasons = [] if fresh else [*diff_inputs(old.get(lock_name, {}).get("inputs"), key.inputs, names), *more]
+        return {"stage": stage, "state": "fresh" if fresh else state, "key": key.short, "reasons": reasons}
+
+    try:
+        plan = synthesize_stage.sampling_plan(cfg, recorded["samples"], recorded["respacing"], recorded["ddim"])
+        samples = synthesize_stage.samples_key(cfg, plan)
+        undrawn = synthesize_stage.missing_batches(cfg, store, plan)
+        out = [entry("synthesize", not undrawn, samples, "synthesize",
+                     [f"{len(undrawn)} of {plan.batches} sample batch(es) not drawn"],
+                     "missing" if len(undrawn) == plan.batches else "stale")]
+        if undrawn:  # the samples' ids come from their batch records: nothing further can be checked
+            later = ("extract synthetic", "label", "segmenter", "segmenter evaluate")
+            return out + [{"stage": s, "state": "stale", "reasons": ["samples not drawn"]} for s in later]
+        refs = synthesize_stage.synthetic_refs(cfg, store, plan)
+        extract = stage_keys.extract_key(cfg, refs)
+        for t in cfg.features.steps:
+            lacking = _without_features(cfg, store, refs, t)
+            out.append(entry(f"extract synthetic/t{t:04d}", not lacking, extract, "extract_synthetic",
+                             [f"{len(lacking)} of {len(refs)} sample(s) without features"],
+                             "missing" if len(lacking) == len(refs) else "stale"))
+        label = label_stage.label_key(cfg, plan, train_key)
+        unlabelled = label_stage.missing_label_batches(cfg, store, plan, train_key, refs)
+        out.append(entry("label", not unlabelled, label, "label",
+                         [f"{len(unlabelled)} of {plan.batches} batch(es) not labelled"]))
+        segmenter = segmenter_stage.segmenter_key(cfg, plan, train_key)
+        out.append(entry("segmenter", artifacts.read_record(store.location, "segmenter", segmenter.value) is not None,
+                         segmenter, "segmenter"))
+        evaluate = segmenter_stage.evaluate_key(cfg, segmenter, prepared["train"].base, prepared["test"].base)
+        out.append(entry("segmenter evaluate",
+                         artifacts.read_record(store.location, evaluate.stage, evaluate.value) is not None,
+                         evaluate, "segmenter_evaluate"))
+        return out
+    except (ConfigError, StoreError, OSError) as err:  # e.g. backbone weights that cannot be read
+        return [{"stage": "datasetddpm", "state": "unknown", "reasons": [str(err)]}]
 
 
 def format_status(entries: list[dict[str, Any]]) -> str:

@@ -145,8 +145,25 @@ def test_segmenter_relabels_on_a_new_train_key_and_retrains_only_on_a_new_portio
     assert max(uncertainties[kept]) <= min(np.delete(uncertainties, kept))  # the 2 most uncertain are out
     assert all(artifacts.checkpoint_committed(loc, record["checkpoints"], e) for e in range(2))
 
+    # `ddpmseg status` lists DatasetDDPM's stages once they have run: all fresh
+    from flows.status import stage_status
+
+    def datasetddpm_states() -> dict[str, tuple[str, list[str]]]:
+        later = ("synthesize", "extract synthetic", "label", "segmenter")
+        return {e["stage"]: (e["state"], e["reasons"]) for e in stage_status(load_config(config))
+                if e["stage"].startswith(later)}
+
+    states = datasetddpm_states()
+    assert set(states) == {"synthesize", "extract synthetic/t0050", "extract synthetic/t0150", "label", "segmenter",
+                           "segmenter evaluate"}
+    assert {state for state, _ in states.values()} == {"fresh"}
+
     # a new train key (another classifier seed): labelled again from the stored features, no sample drawn
     _edit(config, "classifier", seed=1)
+    states = datasetddpm_states()
+    assert states["synthesize"][0] == states["extract synthetic/t0050"][0] == "fresh"
+    assert states["label"][0] == "stale" and "train stage changed" in states["label"][1]
+    assert states["segmenter"] == ("stale", ["label stage changed"])
     relabel = _json_run(capsys, ["segmenter", "train", str(config)])
     assert relabel["samples_drawn"] == 0 and relabel["stages"]["extract synthetic"] == "cached"
     assert relabel["labelled"] == 6 and relabel["members_trained"] == 2
@@ -154,6 +171,10 @@ def test_segmenter_relabels_on_a_new_train_key_and_retrains_only_on_a_new_portio
 
     # a new uncertainty portion: the segmenter only
     _edit(config, "datasetddpm", uncertainty_portion=0.5)
+    states = datasetddpm_states()
+    assert states["label"][0] == "fresh"
+    assert states["segmenter"] == ("stale", ["settings.uncertainty_portion 0.34 → 0.5"])
+    assert states["segmenter evaluate"] == ("stale", ["segmenter stage changed"])
     portion = _json_run(capsys, ["segmenter", "train", str(config)])
     assert portion["samples_drawn"] == 0 and portion["labelled"] == 0 and portion["members_trained"] == 0
     assert portion["unet_forwards"] == 0 and portion["segmenter_epochs_trained"] == 2
