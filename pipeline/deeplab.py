@@ -37,6 +37,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from pipeline.resnet import BasicBlock, Bottleneck, conv3x3, init_like_torchvision, make_stage
+
 __all__ = ["BACKBONES", "BackboneSpec", "DeepLabV3", "ResNetBackbone", "DeepLabHead", "create_segmenter",
            "load_backbone_weights", "segmenter_parameter_count"]
 
@@ -59,57 +61,6 @@ BACKBONES: dict[str, BackboneSpec] = {
     "resnet50": BackboneSpec("bottleneck", (3, 4, 6, 3), "torchvision deeplabv3_resnet50"),
     "ddpmseg_resnet18": BackboneSpec("basic", (2, 2, 2, 2), "ddpmseg's own: dilated BasicBlock ResNet-18"),
 }
-
-
-def _conv3x3(in_channels: int, out_channels: int, stride: int = 1, dilation: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=dilation, dilation=dilation, bias=False)
-
-
-class Bottleneck(nn.Module):
-    """torchvision's Bottleneck (v1.5: stride on the 3x3): 1x1 -> 3x3 (stride, dilation) -> 1x1 (4x width)."""
-
-    expansion = 4
-
-    def __init__(self, in_channels: int, width: int, stride: int = 1, downsample: nn.Module | None = None,
-                 dilation: int = 1):
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, width, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = _conv3x3(width, width, stride, dilation)
-        self.bn2 = nn.BatchNorm2d(width)
-        self.conv3 = nn.Conv2d(width, width * self.expansion, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(width * self.expansion)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = downsample
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        identity = x if self.downsample is None else self.downsample(x)
-        return self.relu(out + identity)
-
-
-class BasicBlock(nn.Module):
-    """torchvision's BasicBlock layout (3x3 -> 3x3), here also dilated (both convs at the block's dilation)."""
-
-    expansion = 1
-
-    def __init__(self, in_channels: int, width: int, stride: int = 1, downsample: nn.Module | None = None,
-                 dilation: int = 1):
-        super().__init__()
-        self.conv1 = _conv3x3(in_channels, width, stride, dilation)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = _conv3x3(width, width, dilation=dilation)
-        self.bn2 = nn.BatchNorm2d(width)
-        self.downsample = downsample
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        identity = x if self.downsample is None else self.downsample(x)
-        return self.relu(out + identity)
 
 
 _BLOCKS: dict[str, type[Bottleneck] | type[BasicBlock]] = {"bottleneck": Bottleneck, "basic": BasicBlock}
@@ -138,12 +89,7 @@ class ResNetBackbone(nn.Module):
         # torchvision builds the classifier's fc here (its default init draws from the RNG) and drops it in
         # IntermediateLayerGetter; built and dropped the same way so that a seed gives torchvision's weights
         nn.Linear(self.out_channels, _IMAGENET_CLASSES)
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.constant_(module.weight, 1)
-                nn.init.constant_(module.bias, 0)
+        init_like_torchvision(self)
 
     def _make_layer(self, block: type[Bottleneck] | type[BasicBlock], width: int, blocks: int, stride: int = 1,
                     dilate: bool = False) -> nn.Sequential:
@@ -151,15 +97,9 @@ class ResNetBackbone(nn.Module):
         if dilate:
             self.dilation *= stride
             stride = 1
-        downsample = None
-        if stride != 1 or self.in_channels != width * block.expansion:
-            downsample = nn.Sequential(
-                nn.Conv2d(self.in_channels, width * block.expansion, 1, stride=stride, bias=False),
-                nn.BatchNorm2d(width * block.expansion))
-        layers = [block(self.in_channels, width, stride, downsample, previous_dilation)]
+        stage = make_stage(block, self.in_channels, width, blocks, stride, previous_dilation, self.dilation)
         self.in_channels = width * block.expansion
-        layers += [block(self.in_channels, width, dilation=self.dilation) for _ in range(1, blocks)]
-        return nn.Sequential(*layers)
+        return stage
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
@@ -188,7 +128,7 @@ class ASPP(nn.Module):
         branches: list[nn.Module] = [nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, bias=False),
                                                    nn.BatchNorm2d(out_channels), nn.ReLU())]
         for rate in atrous_rates:
-            branches.append(nn.Sequential(_conv3x3(in_channels, out_channels, dilation=rate),
+            branches.append(nn.Sequential(conv3x3(in_channels, out_channels, dilation=rate),
                                           nn.BatchNorm2d(out_channels), nn.ReLU()))
         branches.append(ASPPPooling(in_channels, out_channels))
         self.convs = nn.ModuleList(branches)

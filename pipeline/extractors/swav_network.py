@@ -8,34 +8,9 @@ from torch import nn
 
 from pipeline.extractors.base import LoadReport, load_partial_state_dict, read_checkpoint
 from pipeline.extractors.swav import EXPANSION
+from pipeline.resnet import Bottleneck, init_like_torchvision, make_stage
 
 __all__ = ["ResNet", "load_swav_checkpoint"]
-
-
-class Bottleneck(nn.Module):
-    """1x1 -> 3x3 (stride here, as torchvision's v1.5) -> 1x1 with batch norms, plus the (projected) input."""
-
-    def __init__(self, in_channels: int, width: int, stride: int = 1):
-        super().__init__()
-        out_channels = width * EXPANSION
-        self.conv1 = nn.Conv2d(in_channels, width, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(width)
-        self.conv3 = nn.Conv2d(width, out_channels, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(out_channels)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = None
-        if stride != 1 or in_channels != out_channels:
-            self.downsample = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
-                                            nn.BatchNorm2d(out_channels))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        identity = x if self.downsample is None else self.downsample(x)
-        return self.relu(out + identity)
 
 
 class ResNet(nn.Module):
@@ -53,22 +28,9 @@ class ResNet(nn.Module):
         in_channels = base
         for stage, blocks in enumerate(layers):
             width = base * 2 ** stage
-            stride = 1 if stage == 0 else 2
-            modules = [Bottleneck(in_channels, width, stride)]
-            modules += [Bottleneck(width * EXPANSION, width) for _ in range(blocks - 1)]
-            setattr(self, f"layer{stage + 1}", nn.Sequential(*modules))
+            setattr(self, f"layer{stage + 1}", make_stage(Bottleneck, in_channels, width, blocks, 1 if stage == 0 else 2))
             in_channels = width * EXPANSION
-        self._init_random()
-
-    @torch.no_grad()
-    def _init_random(self) -> None:
-        """torchvision's / swav's initialisation: kaiming-normal convs (fan out), BN weight 1 and bias 0."""
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        init_like_torchvision(self)  # torchvision's / swav's initialisation
 
     def stages(self) -> list[nn.Sequential]:
         return [self.layer1, self.layer2, self.layer3, self.layer4]
