@@ -45,6 +45,14 @@ BENCHMARKS = ("memory", "store", "extraction", "throughput", "noop", "ensemble",
 DEFAULT_OUT = Path(__file__).resolve().parent / "results.md"
 
 
+def default_out(only: tuple[str, ...], toy: bool) -> Path:
+    """benchmarks/results.md for a run of every benchmark at a real plan; a file of its own otherwise
+    (results-<names>.md, results-toy-....md: git ignores them), so a partial or toy run never replaces it."""
+    if set(only) == set(BENCHMARKS) and not toy:
+        return DEFAULT_OUT
+    return DEFAULT_OUT.with_name(f"results-{'toy-' if toy else ''}{'-'.join(only)}.md")
+
+
 @dataclass(frozen=True)
 class Plan:
     """Sizes of one benchmark run."""
@@ -135,7 +143,6 @@ def run_benchmarks(plan: Plan, workdir: Path, only: tuple[str, ...] = BENCHMARKS
 
     def store_figure() -> None:
         from benchmarks.store_size import store_size
-        from flows import extract as extract_stage
         from flows import stage_keys
 
         cfg = syn.cfg()
@@ -287,7 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer points and images (a few minutes)")
     parser.add_argument("--toy", action="store_true", help="tiny shapes: checks the code paths in seconds")
     parser.add_argument("--json", action="store_true", help="print only the JSON object")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="markdown results file")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="markdown results file (default: benchmarks/results.md for a run of every benchmark, "
+                             "benchmarks/results-<names>.md for --only / --toy)")
     parser.add_argument("--workdir", type=Path, default=None, help="scratch directory (default: a temporary one)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
     parser.add_argument("--only", default=",".join(BENCHMARKS), help=f"comma-separated subset of {BENCHMARKS}")
@@ -310,9 +319,10 @@ def main(argv: list[str] | None = None) -> int:
         if not args.keep and args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
     text = report.markdown(results)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    log(f"wrote {args.out}")
+    out = args.out or default_out(only, args.toy)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    log(f"wrote {out}")
     if not args.json:
         print(text)
     print(json.dumps(results))

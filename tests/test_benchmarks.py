@@ -170,3 +170,12 @@ def test_noop_rerun_benchmark(tmp_path):
     assert 0 < out["noop_rerun_s"] < out["noop_always_flow_s"] < out["cold_run_s"]
     assert 0 < out["direct_noop_process_s"] < out["noop_always_flow_s"]
     assert out["prefect_first_flow_s"] > 0
+
+
+def test_a_partial_or_toy_run_never_replaces_the_full_results():
+    from benchmarks.run import BENCHMARKS, DEFAULT_OUT, default_out
+
+    assert default_out(BENCHMARKS, toy=False) == DEFAULT_OUT
+    assert default_out(("ensemble",), toy=False) == DEFAULT_OUT.with_name("results-ensemble.md")
+    assert default_out(BENCHMARKS, toy=True).name.startswith("results-toy-")
+    assert default_out(("cli", "noop"), toy=False).name == "results-cli-noop.md"
