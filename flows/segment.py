@@ -10,10 +10,12 @@ when the store has it but Prefect does not, the task runs and finds nothing to d
 """
 from __future__ import annotations
 
+import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import torch
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
@@ -25,9 +27,10 @@ from flows import prefect_results
 from flows import references
 from flows import stage_keys
 from flows import train as train_stage
-from flows.tasks import CACHED, call_task, call_tasks, image_refs, key_dict, open_store
+from flows.tasks import CACHED, call_task, call_tasks, call_tasks_concurrently, image_refs, key_dict, open_store
 from pipeline.config import ExperimentConfig, config_to_dict, load_config
-from pipeline.progress import labelled
+from pipeline.progress import labelled, progress_bar
+from pipeline.threads import torch_threads
 from storage import artifacts
 from storage.features import FeatureStore
 from storage.keys import Key
@@ -126,10 +129,18 @@ def run_segment(cfg: ExperimentConfig, store_url: str | None = None, stages_to_r
                                   label=label)
             summary["members_trained"] += 0 if cached else sum(int(info["ran"]) for info in infos)
         else:
+            at_once = 1 if parallel else local_member_tasks(cfg, len(missing))
             calls = [(i in missing, dict(config=config, store_url=loc.url, refs=train_refs, key=key_dict(train_key),
-                                         index=i, progress=progress and not parallel, label=label))
+                                         index=i, progress=progress and not parallel and at_once == 1, label=label))
                      for i in range(cfg.classifier.model_num)]
-            for info, cached in call_tasks(train_member_task, calls, summary, parallel):
+            if at_once > 1:  # members on one thread each, several at a time: the same members, sooner
+                with torch_threads(torch.get_num_threads()), progress_bar(
+                        desc=labelled(label, f"train {len(missing)} members, {at_once} at a time"),
+                        total=len(calls), unit="member", enabled=progress) as bar:
+                    results = call_tasks_concurrently(train_member_task, calls, summary, at_once, bar)
+            else:
+                results = call_tasks(train_member_task, calls, summary, parallel)
+            for info, cached in results:
                 summary["members_trained"] += int(info["ran"] and not cached)
         if artifacts.read_record(loc, "train", train_key.value) is None:
             artifacts.write_record(loc, train_key, {"members": cfg.classifier.model_num,
@@ -153,6 +164,19 @@ def run_segment(cfg: ExperimentConfig, store_url: str | None = None, stages_to_r
         summary["message"] = "nothing to do: every stage is fresh (0 forwards, 0 members trained)"
     references.write_lock(cfg, keys, split_refs["train"].base + split_refs["test"].base)
     return summary
+
+
+def local_member_tasks(cfg: ExperimentConfig, missing: int) -> int:
+    """How many independent members train at a time without a Dask cluster: on the CPU, one per core
+    (features.cpu_threads or all cores; each member runs on one torch thread, so its values are those it gets
+    alone), at most the members missing. One at a time on a GPU, and with dropout: dropout masks are drawn from
+    torch's global generator, which threads share (a member's init is drawn under a lock:
+    pipeline.classifier.INIT_LOCK)."""
+    from pipeline.backbone import resolve_device
+
+    if missing <= 1 or cfg.classifier.dropout > 0 or resolve_device(cfg.classifier.device).type != "cpu":
+        return 1
+    return max(1, min(cfg.features.cpu_threads or os.cpu_count() or 1, missing))
 
 
 @flow(name="segment", flow_run_name=prefect_results.segment_run_name)

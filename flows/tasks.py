@@ -67,6 +67,36 @@ def call_tasks(task_fn, calls: list[tuple[bool, dict[str, Any]]], summary: dict[
     return out
 
 
+def call_tasks_concurrently(task_fn, calls: list[tuple[bool, dict[str, Any]]], summary: dict[str, Any],
+                            at_once: int, bar: Any = None) -> list[tuple[Any, bool]]:
+    """call_tasks' results (in the calls' order), at most `at_once` tasks running at a time in the flow's thread
+    pool task runner (Prefect's default); `bar` (a progress reporter) is advanced as each one ends."""
+    from prefect.futures import as_completed
+
+    results: list[tuple[Any, bool] | None] = [None] * len(calls)
+    queued = iter(enumerate(calls))
+    running: dict[Any, int] = {}
+
+    def submit_next() -> None:
+        position, (refresh, kwargs) = next(queued, (None, (False, {})))
+        if position is not None:
+            running[task_fn.with_options(refresh_cache=refresh).submit(**kwargs)] = position
+
+    for _ in range(max(1, at_once)):
+        submit_next()
+    while running:
+        done = next(as_completed(list(running)))
+        done.wait()  # as_completed can yield a future whose state object still reads Running
+        state = done.state
+        cached = state.name == "Cached"
+        summary["prefect_cache_hits"] += int(cached)
+        results[running.pop(done)] = (state.result(), cached)
+        if bar is not None:
+            bar.update(1)
+        submit_next()
+    return [result for result in results if result is not None]
+
+
 def call_task(task_fn, refresh: bool, summary: dict[str, Any], **kwargs) -> tuple[Any, bool]:
     """One cached task in this process: (result, came_from_prefect_cache)."""
     return call_tasks(task_fn, [(refresh, kwargs)], summary, parallel=False)[0]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,9 @@ LINEAR_INIT_STD = 0.02
 # The official loop starts from best_loss = 10000000 (not +inf); kept for exactness.
 OFFICIAL_INITIAL_BEST_LOSS = 10_000_000.0
 MEMBER_META_REQUIRED = ("number_class", "dim", "dropout")
+#: held while a member seeds torch's global generator and draws its init: members trained in threads at once
+#: (the segment flow's local members) must not interleave their draws
+INIT_LOCK = threading.Lock()
 
 
 def hidden_widths(number_class: int) -> tuple[int, int]:
@@ -187,8 +191,9 @@ def train_member(
     rule never ran), "stopped_early": bool}.
     """
     device = torch.device(device)
-    torch.manual_seed(seed)
-    model = build_classifier(settings.number_class, settings.dim, settings.dropout).to(device)
+    with INIT_LOCK:  # members trained in several threads at once (flows/segment.py) share torch's generator
+        torch.manual_seed(seed)
+        model = build_classifier(settings.number_class, settings.dim, settings.dropout).to(device)
     optimizer = build_optimizer(model, settings)
     criterion = nn.CrossEntropyLoss()
     stopper = EarlyStopping(start_epoch=settings.early_stop_start_epoch, patience=settings.patience)

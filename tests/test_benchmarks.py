@@ -179,3 +179,11 @@ def test_a_partial_or_toy_run_never_replaces_the_full_results():
     assert default_out(("ensemble",), toy=False) == DEFAULT_OUT.with_name("results-ensemble.md")
     assert default_out(BENCHMARKS, toy=True).name.startswith("results-toy-")
     assert default_out(("cli", "noop"), toy=False).name == "results-cli-noop.md"
+
+
+def test_members_at_once_benchmark_runs_and_checks_the_members_bit_for_bit():
+    from benchmarks.members_at_once import run
+
+    out = run(toy=True, members=2, at_once=2, repeats=1, labelled_pixels=600)
+    assert out["bit_identical"] and out["at_once"] == 2 and out["members_at_once_speedup"] > 0
+    assert set(out["seconds"]) == {"one_after_another", "at_once"}

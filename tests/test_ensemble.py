@@ -341,3 +341,33 @@ def test_predict_maps_on_the_maps_device(tiny_experiment):
 
     expected = mode_vote(logits.argmax(-1)).reshape(cfg.image_size, cfg.image_size).numpy()
     assert (host.mask == expected).mean() > 0.99  # features to float rounding: sampled vs upsampled
+
+
+def test_local_independent_members_train_several_at_a_time_with_the_same_values(tiny_experiment, prefect_server,
+                                                                                 capsys):
+    """Without a Dask cluster, `ddpmseg run` trains independent CPU members features.cpu_threads at a time (one
+    torch thread each); every stored member is bit for bit the member trained alone, and the flow thread's torch
+    thread count is what it was."""
+    import json
+
+    from flows.cli import main
+    from flows.segment import local_member_tasks
+    from flows.stage_keys import members_key, train_key
+
+    path = tiny_experiment(classifier={"model_num": 3, "max_epochs": 2, "device": "cpu"},
+                           features={"cpu_threads": 2})
+    cfg = load_config(path)
+    assert local_member_tasks(cfg, 3) == 2 and local_member_tasks(cfg, 1) == 1
+    with_dropout = cfg.model_copy(update={"classifier": cfg.classifier.model_copy(update={"dropout": 0.2})})
+    assert local_member_tasks(with_dropout, 3) == 1  # its masks come from torch's global generator
+    threads = torch.get_num_threads()
+    capsys.readouterr()
+    assert main(["run", str(path), "--json", "--quiet"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["members_trained"] == 3 and torch.get_num_threads() == threads
+    cfg, store, refs = _prepared(path)
+    key = members_key(train_key(cfg, refs))
+    for index in range(3):
+        state, alone = _stored_state(store.location, key, index), _todays_member(cfg, store, refs, index).state_dict()
+        for name in state:
+            assert torch.equal(state[name], alone[name]), (index, name)
