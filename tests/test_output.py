@@ -122,7 +122,8 @@ def test_cli_run_off_a_terminal_writes_a_few_labelled_plain_lines(tiny_experimen
 
     from prefect.settings import PREFECT_API_URL
 
-    config = tiny_experiment()  # 4 train images (one batch) x 2 steps, 3 test images, 2 members
+    # 4 train images (one batch) x 2 steps, 3 test images, 2 members (trained 2 at a time: one bar for both)
+    config = tiny_experiment(features={"cpu_threads": 2})
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(),
            "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     env.pop("PYTHONWARNINGS", None)
@@ -131,7 +132,7 @@ def test_cli_run_off_a_terminal_writes_a_few_labelled_plain_lines(tiny_experimen
     assert done.returncode == 0, done.stderr[-3000:]
     assert "\r" not in done.stderr and "Warning" not in done.stderr, done.stderr[-3000:]
     lines = done.stderr.splitlines()
-    bars = ["config extract train: ", "config extract test: ", "config member 1/2: ", "config member 2/2: ",
+    bars = ["config extract train: ", "config extract test: ", "config train 2 members, 2 at a time: ",
             "config evaluate: "]
     for bar in bars:
         count = sum(line.startswith(bar) for line in lines)
