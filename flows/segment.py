@@ -169,12 +169,11 @@ def run_segment(cfg: ExperimentConfig, store_url: str | None = None, stages_to_r
 def local_member_tasks(cfg: ExperimentConfig, missing: int) -> int:
     """How many independent members train at a time without a Dask cluster: on the CPU, one per core
     (features.cpu_threads or all cores; each member runs on one torch thread, so its values are those it gets
-    alone), at most the members missing. One at a time on a GPU, and with dropout: dropout masks are drawn from
-    torch's global generator, which threads share (a member's init is drawn under a lock:
-    pipeline.classifier.INIT_LOCK)."""
+    alone: its init is drawn under pipeline.classifier.INIT_LOCK, its dropout masks from a generator of its own),
+    at most the members missing; on a GPU one at a time."""
     from pipeline.backbone import resolve_device
 
-    if missing <= 1 or cfg.classifier.dropout > 0 or resolve_device(cfg.classifier.device).type != "cpu":
+    if missing <= 1 or resolve_device(cfg.classifier.device).type != "cpu":
         return 1
     return max(1, min(cfg.features.cpu_threads or os.cpu_count() or 1, missing))
 

@@ -42,6 +42,30 @@ MEMBER_META_REQUIRED = ("number_class", "dim", "dropout")
 INIT_LOCK = threading.Lock()
 
 
+class GeneratorDropout(nn.Module):
+    """nn.Dropout's CPU training arithmetic (a Bernoulli(1 - p) mask divided by 1 - p, times the input) drawn from
+    a generator of the member's own instead of torch's global one: the same masks, bit for bit, when the
+    generator continues the global stream where nn.Dropout would have drawn (tested), and no draw shared with a
+    member trained in another thread. Identity in eval mode."""
+
+    def __init__(self, p: float, generator: torch.Generator):
+        super().__init__()
+        self.p, self.generator = p, generator
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0:
+            return x
+        return x * torch.empty_like(x).bernoulli_(1 - self.p, generator=self.generator).div_(1 - self.p)
+
+
+def _own_dropout(model: nn.Sequential, generator: torch.Generator) -> list[int]:
+    """Swap model's nn.Dropout layers for GeneratorDropout over `generator`; returns their indices."""
+    swapped = [i for i, layer in enumerate(model) if isinstance(layer, nn.Dropout)]
+    for i in swapped:
+        model[i] = GeneratorDropout(model[i].p, generator)
+    return swapped
+
+
 def hidden_widths(number_class: int) -> tuple[int, int]:
     """Widths of the two hidden layers: (128, 32) below 30 classes, (256, 128) from 30 classes on (official)."""
     return (128, 32) if number_class < 30 else (256, 128)
@@ -194,6 +218,9 @@ def train_member(
     with INIT_LOCK:  # members trained in several threads at once (flows/segment.py) share torch's generator
         torch.manual_seed(seed)
         model = build_classifier(settings.number_class, settings.dim, settings.dropout).to(device)
+        # on the CPU dropout draws from a generator of the member's own, continuing the global stream (the same
+        # masks as nn.Dropout; nothing shared with members in other threads)
+        own = _own_dropout(model, torch.Generator().set_state(torch.get_rng_state())) if device.type == "cpu" else []
     optimizer = build_optimizer(model, settings)
     criterion = nn.CrossEntropyLoss()
     stopper = EarlyStopping(start_epoch=settings.early_stop_start_epoch, patience=settings.patience)
@@ -248,6 +275,8 @@ def train_member(
         if bar is not None:
             bar.close()
 
+    for i in own:  # back to the official layer
+        model[i] = nn.Dropout(model[i].p)
     model = model.cpu().eval()
     info = {
         "epochs": epochs_run,

@@ -236,3 +236,36 @@ def test_torch_files_with_code_are_refused_naming_the_global(tmp_path, loader):
         assert isinstance(caught.value, UnsafeTorchFileError)
     assert str(path) in message and "refused for safety" in message and "builtins.print" in message
     assert "weights_only" not in message and "pwned" not in message
+
+
+def test_cpu_dropout_from_the_members_own_generator_gives_nn_dropouts_masks():
+    """train_member on the CPU draws dropout masks from a generator of its own (members train in threads at once)
+    that continues torch's global stream: the member equals the plain loop with nn.Dropout and the global
+    generator, bit for bit, and comes back with nn.Dropout layers."""
+    from torch import nn
+
+    from pipeline.classifier import TrainSettings, build_classifier, build_optimizer, train_member
+
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(640, 96, generator=generator), torch.randint(0, 5, (640,), generator=generator)
+
+    def batches(epoch):
+        order = torch.randperm(640, generator=torch.Generator().manual_seed(epoch))
+        return [(x[order[i:i + 64]], y[order[i:i + 64]]) for i in range(0, 640, 64)]
+
+    settings = TrainSettings(number_class=5, dim=96, max_epochs=3, dropout=0.3, optimizer="adamw",
+                             weight_decay=1e-4, early_stop_start_epoch=99)
+    ours, _ = train_member(settings, batches, seed=11)
+    assert [type(layer) for layer in ours].count(nn.Dropout) == 2
+
+    torch.manual_seed(11)  # the loop as it was: nn.Dropout drawing from the global generator
+    plain = build_classifier(5, 96, 0.3)
+    optimizer, criterion = build_optimizer(plain, settings), nn.CrossEntropyLoss()
+    plain.train()
+    for epoch in range(3):
+        for features, labels in batches(epoch):
+            optimizer.zero_grad()
+            criterion(plain(features), labels).backward()
+            optimizer.step()
+    for name, value in plain.state_dict().items():
+        assert torch.equal(ours.state_dict()[name], value), name
