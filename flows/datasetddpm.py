@@ -70,11 +70,10 @@ def segmenter_evaluate_task(config: dict[str, Any], store_url: str, plan: dict[s
     return {"ran": True}
 
 
-def run_synthesize(cfg: ExperimentConfig, loc: StoreLocation, plan: synthesize_stage.SamplingPlan,
+def run_synthesize(cfg: ExperimentConfig, loc: StoreLocation, plan: synthesize_stage.SamplingPlan, key: Key,
                    summary: dict[str, Any], progress: bool, label: str) -> list[stage_keys.ImageRef]:
-    """Draw the samples still missing; returns the synthetic split's refs."""
+    """Draw the samples still missing (key: synthesize_stage.samples_key); returns the synthetic split's refs."""
     store = FeatureStore(loc)
-    key = synthesize_stage.samples_key(cfg, plan)
     missing = synthesize_stage.missing_batches(cfg, store, plan)
     counts, cached = call_task(synthesize_task, bool(missing), summary, config=config_to_dict(cfg), store_url=loc.url,
                            plan=asdict(plan), key=key_dict(key), progress=progress, label=label)
@@ -90,9 +89,10 @@ def run_datasetddpm(cfg: ExperimentConfig, store_url: str, plan: synthesize_stag
     ("synthesize", "segmenter") runs everything."""
     loc = StoreLocation.parse(store_url, read_only=cfg.store_read_only)
     summary: dict[str, Any] = {"store": loc.url, "stages": {}, "prefect_cache_hits": 0, "samples": plan.samples}
+    samples = synthesize_stage.samples_key(cfg, plan)
     if "segmenter" not in stages:
-        run_synthesize(cfg, loc, plan, summary, progress, label)
-        references.write_lock(cfg, {"synthesize": synthesize_stage.samples_key(cfg, plan)}, [], asdict(plan))
+        run_synthesize(cfg, loc, plan, samples, summary, progress, label)
+        references.write_lock(cfg, {"synthesize": samples}, [], asdict(plan))
         return summary
     ensemble = run_segment(cfg, loc.url, ("extract", "train", "evaluate"), progress, label=label)
     summary["ensemble"] = {k: ensemble[k] for k in ("miou", "miou_standard", "pixel_accuracy", "metrics_path",
@@ -100,13 +100,14 @@ def run_datasetddpm(cfg: ExperimentConfig, store_url: str, plan: synthesize_stag
     summary["unet_forwards"] = ensemble["unet_forwards"]
     summary["members_trained"] = ensemble["members_trained"]
     summary["stages"].update(ensemble["stages"])
-    refs = run_synthesize(cfg, loc, plan, summary, progress, label)
+    refs = run_synthesize(cfg, loc, plan, samples, summary, progress, label)
     store = FeatureStore(loc)
     config = config_to_dict(cfg)
 
     todo = extract_stage.extract_plan(cfg, store, refs)  # the synthetic split: extracted like any other
+    extract_key = stage_keys.extract_key(cfg, refs)
     counts, cached = call_task(extract_task, bool(todo), summary, config=config, store_url=loc.url,
-                           refs=[asdict(r) for r in refs], key=key_dict(stage_keys.extract_key(cfg, refs)),
+                           refs=[asdict(r) for r in refs], key=key_dict(extract_key),
                            split=synthesize_stage.SPLIT, progress=progress, label=label)
     summary["unet_forwards"] += 0 if cached else counts["unet_forwards"]
     summary["stages"]["extract synthetic"] = "ran" if todo else "cached"
@@ -136,8 +137,7 @@ def run_datasetddpm(cfg: ExperimentConfig, store_url: str, plan: synthesize_stag
                          plan=asdict(plan), train=key_dict(train_key), validation=[asdict(r) for r in validation],
                          test=[asdict(r) for r in test], key=key_dict(eval_key))
     summary["stages"]["segmenter evaluate"] = "ran" if info["ran"] and not cached else "cached"
-    references.write_lock(cfg, {"synthesize": synthesize_stage.samples_key(cfg, plan),
-                                "extract_synthetic": stage_keys.extract_key(cfg, refs), "label": key,
+    references.write_lock(cfg, {"synthesize": samples, "extract_synthetic": extract_key, "label": key,
                                 "segmenter": seg_key, "segmenter_evaluate": eval_key}, [], asdict(plan))
     result = outputs.evaluation_metrics(loc, eval_key.value)
     summary["segmenter"] = {k: result[k] for k in ("miou", "miou_standard", "pixel_accuracy", "model_selection",

@@ -59,12 +59,14 @@ def call_tasks(task_fn, calls: list[tuple[bool, dict[str, Any]]], summary: dict[
         states = [f.state for f in futures]
     else:
         states = [task_fn.with_options(refresh_cache=refresh)(return_state=True, **kwargs) for refresh, kwargs in calls]
-    out = []
-    for state in states:
-        cached = state.name == "Cached"
-        summary["prefect_cache_hits"] += int(cached)
-        out.append((state.result(), cached))
-    return out
+    return [_outcome(state, summary) for state in states]
+
+
+def _outcome(state: Any, summary: dict[str, Any]) -> tuple[Any, bool]:
+    """A finished task's (result, came_from_prefect_cache), counted in summary["prefect_cache_hits"]."""
+    cached = state.name == "Cached"
+    summary["prefect_cache_hits"] += int(cached)
+    return state.result(), cached
 
 
 def call_tasks_concurrently(task_fn, calls: list[tuple[bool, dict[str, Any]]], summary: dict[str, Any],
@@ -87,10 +89,7 @@ def call_tasks_concurrently(task_fn, calls: list[tuple[bool, dict[str, Any]]], s
     while running:
         done = next(as_completed(list(running)))
         done.wait()  # as_completed can yield a future whose state object still reads Running
-        state = done.state
-        cached = state.name == "Cached"
-        summary["prefect_cache_hits"] += int(cached)
-        results[running.pop(done)] = (state.result(), cached)
+        results[running.pop(done)] = _outcome(done.state, summary)
         if bar is not None:
             bar.update(1)
         submit_next()
